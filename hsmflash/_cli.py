@@ -1,0 +1,903 @@
+"""The command line: parses arguments, supplies the PIN handler, maps errors to exit codes.
+
+Nothing below this module prints, prompts or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from hsmflash import __version__
+from hsmflash.errors import (
+    Error,
+    InputError,
+    InternalError,
+    TokenError,
+    UsageError,
+    VerificationFailed,
+)
+from hsmflash.keyuse import Station
+from hsmflash.policy import Policy, load_policy, unrestricted_policy
+from hsmflash.token import TokenConfig
+
+DEFAULT_AUDIT_LOG = "hsmflash-audit.jsonl"
+
+app = typer.Typer(
+    name="hsmflash",
+    help=(
+        "Keep ESP32 Secure Boot and flash-encryption keys in a PKCS#11 token: sign images, "
+        "derive per-device keys, encrypt for a device, provision eFuses, audit every key use.\n\n"
+        "The PIN comes from HSMFLASH_PIN, --pin-file or a prompt; never from the command line."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+keys_app = typer.Typer(help="Create, import, list and export public halves of token keys.",
+                       no_args_is_help=True)
+token_app = typer.Typer(help="Inspect the PKCS#11 module and token.", no_args_is_help=True)
+policy_app = typer.Typer(help="Validate policies and compare the token against them.",
+                         no_args_is_help=True)
+audit_app = typer.Typer(help="Verify and read the tamper-evident audit log (no token needed).",
+                        no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(token_app, name="token")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
+
+
+@dataclass
+class Context:
+    """Global options, shared by every command."""
+
+    module: str | None = None
+    token: str | None = None
+    pin_file: Path | None = None
+    policy_path: Path | None = None
+    audit_log: Path = Path(DEFAULT_AUDIT_LOG)
+    json: bool = False
+    debug: bool = False
+    _policy: Policy | None = field(default=None, repr=False)
+    pin_requests: int = 0
+
+    # -- PIN --------------------------------------------------------------------------
+    def pin_handler(self, prompt: str) -> str:
+        """PIN from HSMFLASH_PIN, --pin-file or an interactive prompt (never argv, never
+        retried)."""
+        self.pin_requests += 1
+        env = os.environ.get("HSMFLASH_PIN")
+        if env:
+            return env
+        if self.pin_file is not None:
+            try:
+                text = self.pin_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"PIN file {str(self.pin_file)!r} unreadable: {e.strerror}") \
+                    from None
+            pin = text.splitlines()[0].strip() if text.strip() else ""
+            if not pin:
+                raise InputError(f"PIN file {str(self.pin_file)!r} is empty")
+            return pin
+        if sys.stdin.isatty():
+            import getpass
+
+            return getpass.getpass(prompt)
+        raise TokenError("no PIN: set HSMFLASH_PIN, pass --pin-file FILE, or run in a terminal")
+
+    # -- policy and token -----------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = (
+                load_policy(self.policy_path) if self.policy_path else unrestricted_policy()
+            )
+        return self._policy
+
+    def token_config(self) -> TokenConfig:
+        pol = self.policy
+        return TokenConfig(
+            module=self.module or pol.token_module,
+            token_label=self.token or pol.token_label,
+            pin_handler=self.pin_handler,
+        )
+
+    @contextmanager
+    def station(self) -> Iterator[Station]:
+        with Station.open(self.token_config(), self.policy, self.audit_log) as st:
+            yield st
+
+    # -- output -----------------------------------------------------------------------------
+    def emit(self, data: dict[str, Any] | list[Any], human: str | Callable[[], None]) -> None:
+        """Print JSON (with --json) or the human form."""
+        if self.json:
+            typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif callable(human):
+            human()
+        else:
+            typer.echo(human)
+
+    def note(self, text: str) -> None:
+        """A line for the human on stderr (kept out of --json output)."""
+        typer.echo(text, err=True)
+
+
+def ctx_of(ctx: typer.Context) -> Context:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, Context):
+        raise InternalError("CLI context missing")
+    return obj
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hsmflash {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    module: Annotated[str | None, typer.Option(
+        "--module", envvar="HSMFLASH_MODULE",
+        help="PKCS#11 module (.so). Default: SoftHSM2's library.")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="HSMFLASH_TOKEN",
+        help="Token label (default: the policy's token.label, else 'hsmflash-dev').")] = None,
+    pin_file: Annotated[Path | None, typer.Option(
+        "--pin-file", envvar="HSMFLASH_PIN_FILE",
+        help="File whose first line is the user PIN (or set HSMFLASH_PIN).")] = None,
+    policy: Annotated[Path | None, typer.Option(
+        "--policy", envvar="HSMFLASH_POLICY", help="Policy TOML file (policies/*.toml).")] = None,
+    audit_log: Annotated[Path, typer.Option(
+        "--audit-log", envvar="HSMFLASH_AUDIT_LOG", help="Audit log (JSON Lines).")] =
+        Path(DEFAULT_AUDIT_LOG),
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    ctx.obj = Context(module=module, token=token, pin_file=pin_file, policy_path=policy,
+                      audit_log=audit_log, json=json_out, debug=debug)
+
+
+def main() -> NoReturn:
+    """Console entry point: run the app, map hsmflash errors to DESIGN.md exit codes."""
+    debug = "--debug" in sys.argv
+    try:
+        rc = app(standalone_mode=False)
+    except Error as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {e.diagnostics()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors and the unexpected
+        show, exit_code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):  # click's usage errors (exit 2)
+            show()
+            sys.exit(exit_code)
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        typer.echo(f"internal error: {type(e).__name__}: {first} (rerun with --debug)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def usage_error(message: str) -> NoReturn:
+    raise UsageError(message)
+
+# ---------------------------------------------------------------------------------------
+# token
+# ---------------------------------------------------------------------------------------
+@token_app.command("info")
+def token_info(ctx: typer.Context) -> None:
+    """Show the module, the token, the mechanisms that matter and which paths this token gives.
+
+    Needs no PIN.
+    """
+    from hsmflash.token import MECHANISMS_THAT_MATTER, token_summary
+
+    c = ctx_of(ctx)
+    info = token_summary(c.token_config())
+
+    def human() -> None:
+        t = info["token"]
+        typer.echo(f"module:   {info['module']}")
+        typer.echo(f"library:  {info['library']}")
+        typer.echo(f"token:    {t['label']} ({t['manufacturer']} {t['model']}, "
+                   f"serial {t['serial']})")
+        typer.echo("mechanisms:")
+        for name, ok in info["mechanisms"].items():
+            typer.echo(f"  {'yes' if ok else 'NO ':3} CKM_{name:22} {MECHANISMS_THAT_MATTER[name]}")
+        p = info["paths"]
+        typer.echo("paths:")
+        yes = {True: "yes", False: "NO"}
+        typer.echo(f"  per-device derivation in the token: {yes[p['in_token_derivation']]}")
+        typer.echo(f"  XTS-AES with keys in the token:     {yes[p['in_token_xts']]}")
+        typer.echo(f"  ESP32-classic flash encryption:     {p['esp32_classic']}")
+
+    c.emit(info, human)
+
+
+# ---------------------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------------------
+def _key_line(info: dict[str, Any]) -> str:
+    ident = f"kcv {info['kcv']}" if "kcv" in info else info.get("fingerprint", "")
+    flags = []
+    flags.append("sensitive" if info["sensitive"] else "NOT-SENSITIVE")
+    flags.append("extractable" if info["extractable"] else "non-extractable")
+    return (f"{info['name']:20} {info['type']:12} usage={','.join(info['usage']) or '-':14} "
+            f"{' '.join(flags)} {info['origin']:9} {ident}")
+
+
+UsageOpt = Annotated[list[str] | None, typer.Option(
+    "--usage", help="Usage flag (repeat): sign, derive, encrypt, wrap. Default by type.")]
+
+
+@keys_app.command("generate")
+def keys_generate(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Label of the new key.")],
+    key_type: Annotated[str, typer.Option("--type", help="aes-128, aes-256, xts-aes-128, "
+                                          "xts-aes-256, rsa-3072, ec-p256, ec-p384.")],
+    usage: UsageOpt = None,
+) -> None:
+    """Generate a key inside the token: sensitive, non-extractable, only the usages given."""
+    from hsmflash.keys import check_type_usage, generate_key
+
+    c = ctx_of(ctx)
+    flags = check_type_usage(key_type, usage)
+    with c.station() as st, st.use("keys.generate", subject={"name": name}, key_name=name,
+                                   detail={"type": key_type, "usage": list(flags)}) as out:
+        key = generate_key(st.session, name, key_type, flags)
+        info = key.describe()
+        out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
+    c.emit(info, f"generated {_key_line(info)}")
+
+
+@keys_app.command("import")
+def keys_import(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Label of the imported key.")],
+    key_type: Annotated[str, typer.Option("--type", help="Key type (see `keys generate`).")],
+    file: Annotated[Path, typer.Option("--file", help="espsecure key file: raw AES bytes "
+                                       "(32/64) or a PEM private key.")],
+    usage: UsageOpt = None,
+) -> None:
+    """Migrate an espsecure key file into the token (it becomes non-extractable).
+
+    Destroy the file afterwards: the token copy is the only one that should remain.
+    """
+    from hsmflash.fileio import read_input
+    from hsmflash.keys import check_type_usage, import_key
+    from hsmflash.keyuse import wipe
+
+    c = ctx_of(ctx)
+    flags = check_type_usage(key_type, usage)
+    material = bytearray(read_input(file, "key file"))
+    try:
+        with c.station() as st, st.use("keys.import", subject={"name": name}, key_name=name,
+                                       detail={"type": key_type, "usage": list(flags)}) as out:
+            key = import_key(st.session, name, key_type, material, flags, source=str(file))
+            info = key.describe()
+            out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
+    finally:
+        wipe(material)
+    c.emit({**info, "destroy_source": str(file)},
+           f"imported {_key_line(info)}\nnow destroy {file} (e.g. shred -u {file}): "
+           "the token holds the key from here on")
+
+
+@keys_app.command("create")
+def keys_create(ctx: typer.Context) -> None:
+    """Create every key the policy declares that the token lacks (idempotent)."""
+    from hsmflash.keys import generate_key, key_exists
+
+    c = ctx_of(ctx)
+    pol = c.policy
+    if not pol.keys:
+        raise UsageError("keys create needs a policy with [keys] (pass --policy FILE)")
+    results = []
+    with c.station() as st:
+        for spec in pol.keys.values():
+            if key_exists(st.session, spec.name):
+                results.append({**st.key(spec.name).describe(), "action": "exists"})
+                continue
+            with st.use("keys.generate", subject={"name": spec.name}, key_name=spec.name,
+                        detail={"type": spec.type, "usage": list(spec.usage),
+                                "policy": pol.name}) as out:
+                key = generate_key(st.session, spec.name, spec.type, spec.usage)
+                info = key.describe()
+                out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
+            results.append({**info, "action": "created"})
+
+    def human() -> None:
+        for r in results:
+            typer.echo(f"{r['action']:8} {_key_line(r)}")
+
+    c.emit(results, human)
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """List the token's keys: type, usage, attributes, KCV or public-key fingerprint."""
+    from hsmflash.keys import list_keys
+    from hsmflash.token import open_session
+
+    c = ctx_of(ctx)
+    with open_session(c.token_config()) as session:
+        infos = [k.describe() for k in list_keys(session)]
+
+    def human() -> None:
+        if not infos:
+            typer.echo("no keys (create them with `hsmflash keys create --policy FILE`)")
+        for i in infos:
+            typer.echo(_key_line(i))
+
+    c.emit(infos, human)
+
+
+@keys_app.command("public")
+def keys_public(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Key label or pkcs11: URI.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PEM file to write.")],
+) -> None:
+    """Write the public half of a signing key as PEM (for espsecure, auditors, eFuse digests)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from hsmflash.fileio import atomic_write
+    from hsmflash.keys import find_key
+    from hsmflash.token import KeyRef, open_session
+
+    c = ctx_of(ctx)
+    cfg = c.token_config()
+    with open_session(cfg) as session:
+        key = find_key(session, KeyRef.parse(name).label, cfg.label)
+        pub = key.public_key()
+        fp = key.fingerprint()
+    pem = pub.public_bytes(serialization.Encoding.PEM,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic_write(output, pem)
+    c.emit({"name": key.name, "type": key.type, "fingerprint": fp, "output": str(output)},
+           f"wrote {output} ({key.type}, {fp})")
+
+
+# ---------------------------------------------------------------------------------------
+# policy
+# ---------------------------------------------------------------------------------------
+@policy_app.command("check")
+def policy_check(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Policy TOML file.")],
+) -> None:
+    """Validate a policy file; errors name the field at fault (exit 3)."""
+    c = ctx_of(ctx)
+    pol = load_policy(file)
+    data = {
+        "policy": pol.name, "path": str(file), "ok": True,
+        "keys": {k: {"type": v.type, "usage": list(v.usage)} for k, v in pol.keys.items()},
+        "chips": {k: {"flash_encryption": v.flash_encryption,
+                      "secure_boot": v.secure_boot.scheme if v.secure_boot else None,
+                      "release_mode": v.release_mode} for k, v in pol.chips.items()},
+        "export": {"efuse_burn": pol.export.efuse_burn,
+                   "esp32_classic_transient": pol.export.esp32_classic_transient,
+                   "decrypt": pol.export.decrypt},
+    }
+    c.emit(data, f"policy {pol.name!r} ({file}) is valid: {len(pol.keys)} keys, "
+                 f"chips {', '.join(pol.chips) or 'none'}")
+
+
+@policy_app.command("audit")
+def policy_audit(ctx: typer.Context) -> None:
+    """Compare the live token with the policy; exit 5 when it departs (errors found)."""
+    from hsmflash.errors import PolicyRefused
+    from hsmflash.keys import list_keys
+    from hsmflash.policy import audit_token
+    from hsmflash.token import open_session
+
+    c = ctx_of(ctx)
+    pol = c.policy
+    if not pol.keys:
+        raise UsageError("policy audit needs --policy FILE")
+    with open_session(c.token_config()) as session:
+        findings = audit_token(pol, list_keys(session))
+    rows = [{"severity": f.severity, "key": f.key, "message": f.message} for f in findings]
+    errors = [f for f in findings if f.severity == "error"]
+
+    def human() -> None:
+        for f in findings:
+            typer.echo(f"{f.severity:7} {f.key}: {f.message}")
+        typer.echo(f"{len(errors)} error(s), {len(findings) - len(errors)} other finding(s)")
+
+    c.emit({"policy": pol.name, "findings": rows, "ok": not errors}, human)
+    if errors:
+        raise PolicyRefused(f"token departs from policy {pol.name!r}: {errors[0].key}: "
+                            f"{errors[0].message}")
+
+
+# ---------------------------------------------------------------------------------------
+# signing
+# ---------------------------------------------------------------------------------------
+ChipOpt = Annotated[str, typer.Option("--chip", help="esp32, esp32s2, esp32s3, esp32c3, "
+                                      "esp32c6, esp32h2, esp32c5, esp32p4.")]
+
+
+@app.command("sign")
+def sign_cmd(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="ESP app or bootloader image (.bin).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Signed image to write.")],
+    key: Annotated[str, typer.Option("--key", help="Signing key label or pkcs11: URI.")],
+    chip: ChipOpt = "",
+    scheme: Annotated[str | None, typer.Option(
+        "--scheme", help="sbv2 (default; esp32 classic defaults to sbv1) or sbv1.")] = None,
+    append: Annotated[bool, typer.Option(
+        "--append", help="SBv2: add a signature block to an already signed image.")] = False,
+) -> None:
+    """Sign a firmware image for Secure Boot with a key that never leaves the token.
+
+    Output matches `espsecure sign-data` byte for byte and passes `espsecure verify-signature`.
+    The chip is read from the image header when --chip is not given.
+    """
+    from hsmflash.chips import get_chip
+    from hsmflash.fileio import atomic_write, read_input
+    from hsmflash.release import sign_image
+
+    c = ctx_of(ctx)
+    data = read_input(image, "image")
+    the_chip = get_chip(chip) if chip else _chip_from_image(data, str(image))
+    with c.station() as st:
+        result = sign_image(st, data, the_chip, st.key(key), scheme, append=append,
+                            name=str(image))
+        atomic_write(output, result.output)
+    s = result.summary()
+    s["output_file"] = str(output)
+    c.emit(s, f"signed {image} -> {output}: {result.scheme} {result.chip}, key {result.key} "
+              f"({result.fingerprint[:23]}), {result.signatures} signature(s)")
+
+
+def _chip_from_image(data: bytes, name: str) -> Any:
+    from hsmflash.chips import CHIPS
+    from hsmflash.images import ESP_IMAGE_MAGIC, _esptool_chip_name
+
+    if len(data) >= 24 and data[0] == ESP_IMAGE_MAGIC:
+        chip_name = _esptool_chip_name(int.from_bytes(data[12:14], "little"))
+        if chip_name in CHIPS:
+            return CHIPS[chip_name]
+    raise InputError(f"{name}: cannot tell the chip from the image; pass --chip")
+
+
+@app.command("verify")
+def verify_cmd(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="Signed image.")],
+    key: Annotated[str | None, typer.Option("--key", help="Token key (no PIN needed).")] = None,
+    pubkey: Annotated[Path | None, typer.Option("--pubkey", help="Public key PEM (no token).")]
+        = None,
+    scheme: Annotated[str | None, typer.Option("--scheme", help="sbv2 or sbv1 (default: "
+                                               "detected).")] = None,
+) -> None:
+    """Verify a Secure Boot V2/V1 signature (exit 6 when it does not verify)."""
+
+    from hsmflash.fileio import read_input
+    from hsmflash.keys import find_key
+    from hsmflash.release import load_public_key, verify_image
+    from hsmflash.token import KeyRef, open_session
+
+    c = ctx_of(ctx)
+    if (key is None) == (pubkey is None):
+        raise UsageError("give exactly one of --key NAME or --pubkey PEM")
+    data = read_input(image, "image")
+    if pubkey is not None:
+        pub: Any = load_public_key(read_input(pubkey, "public key"), str(pubkey))
+    else:
+        cfg = c.token_config()
+        with open_session(cfg, login=False) as session:
+            pub = find_key(session, KeyRef.parse(str(key)).label, cfg.label).public_key()
+    result = verify_image(data, pub, scheme, name=str(image))
+    where = f" (signature block {result['block']})" if "block" in result else ""
+    c.emit(result, f"{image}: {result['scheme']} signature OK{where}")
+
+
+@keys_app.command("digest")
+def keys_digest(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Signing key label or pkcs11: URI.")],
+    chip: ChipOpt,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the raw "
+                                                "bytes here.")] = None,
+) -> None:
+    """The eFuse value for a signing key: the SBv2 public-key digest, or the SBv1 public key."""
+    from hsmflash.chips import get_chip
+    from hsmflash.fileio import atomic_write
+    from hsmflash.keys import find_key
+    from hsmflash.release import key_digest
+    from hsmflash.token import KeyRef, open_session
+
+    c = ctx_of(ctx)
+    the_chip = get_chip(chip)
+    cfg = c.token_config()
+    with open_session(cfg, login=False) as session:
+        info = key_digest(find_key(session, KeyRef.parse(name).label, cfg.label), the_chip)
+    raw = info.pop("bytes")
+    if output is not None:
+        atomic_write(output, raw)
+        info["output"] = str(output)
+    c.emit(info, f"{info['digest']}\n({info['what']})")
+
+
+@app.command("digest-bootloader")
+def digest_bootloader_cmd(
+    ctx: typer.Context,
+    bootloader: Annotated[Path, typer.Argument(help="ESP32 bootloader image.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Digest + bootloader image "
+                                         "(flash at 0x0).")],
+    key: Annotated[str | None, typer.Option("--key", help="aes-256 token key with usage "
+                                            "encrypt.")] = None,
+    master: Annotated[str | None, typer.Option("--master", help="Derive the device's "
+                                               "SECURE_BOOT_V1 key from this master.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device base MAC.")] = None,
+    iv: Annotated[Path | None, typer.Option("--iv", help="128-byte IV file (testing only; "
+                                            "random by default).")] = None,
+) -> None:
+    """Secure Boot V1 bootloader digest (as `espsecure digest-secure-bootloader`), AES in
+    the token."""
+    from hsmflash.fileio import atomic_write, read_input
+    from hsmflash.kdf import parse_mac
+    from hsmflash.release import bootloader_digest
+
+    c = ctx_of(ctx)
+    data = read_input(bootloader, "bootloader")
+    iv_bytes = read_input(iv, "IV file") if iv else None
+    mac = parse_mac(device) if device else None
+    if (key is None) == (master is None):
+        raise UsageError("give --key NAME, or --master NAME with --device MAC")
+    with c.station() as st:
+        out, kcv = bootloader_digest(
+            st, data, st.key(key) if key else None, master=st.key(master) if master else None,
+            device=mac, iv=iv_bytes, name=str(bootloader))
+        atomic_write(output, out)
+    c.emit({"output": str(output), "kcv": kcv}, f"wrote {output} (key kcv {kcv})")
+
+
+# ---------------------------------------------------------------------------------------
+# per-device keys and flash encryption
+# ---------------------------------------------------------------------------------------
+@app.command("derive")
+def derive_cmd(
+    ctx: typer.Context,
+    master: Annotated[str, typer.Option("--master", help="aes-256 master key (CKA_DERIVE).")],
+    device: Annotated[str, typer.Option("--device", help="Device base MAC aa:bb:cc:dd:ee:ff.")],
+    purpose: Annotated[str, typer.Option("--purpose", help="XTS_AES_128_KEY, XTS_AES_256_KEY, "
+                                         "FLASH_ENCRYPTION, SECURE_BOOT_V1, ...")] =
+        "XTS_AES_128_KEY",
+) -> None:
+    """Derive a device's key inside the token (aes-ecb-v1) and print its KCV, never the key."""
+    from hsmflash.kdf import format_mac, key_length, parse_mac
+    from hsmflash.perdevice import derive_kcv
+
+    c = ctx_of(ctx)
+    mac = parse_mac(device)
+    key_length(purpose)
+    with c.station() as st:
+        kcv = derive_kcv(st, st.key(master), mac, purpose)
+    c.emit({"device": format_mac(mac), "purpose": purpose, "master": master, "kcv": kcv,
+            "scheme": "aes-ecb-v1"}, f"{format_mac(mac)} {purpose}: kcv {kcv}")
+
+
+def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: Path, output: Path | None,
+                   chip: str, address: str, key: str | None, master: str | None,
+                   device: str | None, devices: Path | None, out_dir: Path | None,
+                   scheme: str | None) -> None:
+    from hsmflash.chips import get_chip
+    from hsmflash.fileio import atomic_write, parse_int, read_input
+    from hsmflash.kdf import parse_mac
+    from hsmflash.perdevice import check_data, crypt_image
+
+    c = ctx_of(ctx)
+    the_chip = get_chip(chip)
+    addr = parse_int(address, "address")
+    data = read_input(input_file, "input file")
+    check_data(data, addr, str(input_file))
+    if devices is not None:
+        if decrypt:
+            raise UsageError("--devices is for batch encryption")
+        if master is None or out_dir is None:
+            raise UsageError("--devices needs --master NAME and --out-dir DIR")
+        _batch(c, data, the_chip, addr, master, devices, out_dir, scheme, str(input_file))
+        return
+    if output is None:
+        raise UsageError("missing -o/--output")
+    if (key is None) == (master is None):
+        raise UsageError("give either --key NAME or --master NAME with --device MAC")
+    if master is not None and device is None:
+        raise UsageError("--master needs --device MAC")
+    mac = parse_mac(device) if device else None
+    with c.station() as st:
+        result = crypt_image(st, data, the_chip, addr, key=st.key(key) if key else None,
+                             master=st.key(master) if master else None, device=mac,
+                             scheme=scheme, decrypt=decrypt, name=str(input_file))
+        atomic_write(output, result.output)
+    s = result.summary()
+    s["output_file"] = str(output)
+    verb = "decrypted" if decrypt else "encrypted"
+    c.emit(s, f"{verb} {input_file} -> {output}: {result.scheme} at {addr:#x}, "
+              f"path {result.path}, kcv {result.kcv}")
+
+
+def _batch(c: Context, data: bytes, chip: Any, addr: int, master: str, devices: Path,
+           out_dir: Path, scheme: str | None, name: str) -> None:
+    from hsmflash.fileio import atomic_write
+    from hsmflash.kdf import format_mac
+    from hsmflash.perdevice import crypt_image, read_device_csv
+
+    macs = read_device_csv(devices)
+    if len(macs) > c.policy.limits.max_devices_per_batch:
+        from hsmflash.errors import PolicyRefused
+
+        raise PolicyRefused(f"{devices}: {len(macs)} devices exceed the policy's "
+                            f"max_devices_per_batch ({c.policy.limits.max_devices_per_batch})")
+    if not out_dir.is_dir():
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise InputError(f"--out-dir {str(out_dir)!r}: {e.strerror}") from None
+    done = skipped = 0
+    results = []
+    with c.station() as st:
+        mkey = st.key(master)
+        with typer.progressbar(macs, label="encrypting", file=sys.stderr,
+                               show_pos=True) as bar:
+            for mac in bar:
+                target = out_dir / f"{format_mac(mac).replace(':', '')}-{addr:#x}.bin"
+                if target.exists():  # written atomically: present means complete
+                    skipped += 1
+                    results.append({"device": format_mac(mac), "output": str(target),
+                                    "status": "skipped"})
+                    continue
+                r = crypt_image(st, data, chip, addr, master=mkey, device=mac, scheme=scheme,
+                                name=name)
+                atomic_write(target, r.output)
+                done += 1
+                results.append({"device": format_mac(mac), "output": str(target),
+                                "kcv": r.kcv, "status": "encrypted"})
+    c.emit({"encrypted": done, "skipped": skipped, "devices": results},
+           f"{done} device image(s) encrypted, {skipped} already done, in {out_dir}")
+
+
+InputArg = Annotated[Path, typer.Argument(help="Plaintext (or ciphertext for decrypt) file.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="File to write.")]
+AddrOpt = Annotated[str, typer.Option("--address", help="Flash address (0x...), a multiple "
+                                      "of 16.")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Stored xts-aes key in the token.")]
+MasterOpt = Annotated[str | None, typer.Option("--master", help="Master key: derive the "
+                                               "device's key (aes-ecb-v1).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device base MAC.")]
+SchemeOpt = Annotated[str | None, typer.Option("--scheme", help="xts-aes-128, xts-aes-256 or "
+                                               "esp32-aes-256 (default: policy, else chip).")]
+
+
+@app.command("encrypt")
+def encrypt_cmd(
+    ctx: typer.Context,
+    input_file: InputArg,
+    chip: ChipOpt,
+    address: AddrOpt,
+    output: OutOpt = None,
+    key: KeyOpt = None,
+    master: MasterOpt = None,
+    device: DeviceOpt = None,
+    devices: Annotated[Path | None, typer.Option(
+        "--devices", help="Batch: CSV of device MACs (column 'mac' or the first column).")]
+        = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Batch: one output per device here; existing ones are skipped.")]
+        = None,
+    scheme: SchemeOpt = None,
+) -> None:
+    """Encrypt an image for a device and flash address with the key inside the token.
+
+    Output equals `espsecure encrypt-flash-data` for the same key. ESP32 classic on a token
+    without CKM_XOR_BASE_AND_DATA exports the per-device key to memory for the operation,
+    only if the policy allows it ([export] esp32_classic_transient), and audits it.
+    """
+    _crypt_command(ctx, False, input_file, output, chip, address, key, master, device, devices,
+                   out_dir, scheme)
+
+
+@app.command("decrypt")
+def decrypt_cmd(
+    ctx: typer.Context,
+    input_file: InputArg,
+    chip: ChipOpt,
+    address: AddrOpt,
+    output: OutOpt = None,
+    key: KeyOpt = None,
+    master: MasterOpt = None,
+    device: DeviceOpt = None,
+    scheme: SchemeOpt = None,
+) -> None:
+    """Decrypt flash contents for inspection or RMA (needs [export] decrypt = true; audited)."""
+    _crypt_command(ctx, True, input_file, output, chip, address, key, master, device, None,
+                   None, scheme)
+
+
+# ---------------------------------------------------------------------------------------
+# audit
+# ---------------------------------------------------------------------------------------
+LogArg = Annotated[Path | None, typer.Argument(help="Audit log (default: --audit-log).")]
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    log: LogArg = None,
+    pubkey: Annotated[Path | None, typer.Option(
+        "--pubkey", help="Audit public key PEM (`hsmflash keys public audit -o audit.pem`): "
+        "checks every checkpoint signature, no token needed.")] = None,
+    with_token: Annotated[bool, typer.Option(
+        "--with-token", help="Also compare with the head stored in the token (detects a cut "
+        "or rolled-back log) and use the token's audit key.")] = False,
+) -> None:
+    """Verify the hash chain, checkpoints and (with the token) the head; exit 6 names the
+    first bad record."""
+    from cryptography.hazmat.primitives import serialization
+
+    from hsmflash.audit import verify_log
+    from hsmflash.fileio import read_input
+    from hsmflash.keys import find_key
+    from hsmflash.keyuse import TokenHeadStore, log_id
+    from hsmflash.token import open_session
+
+    c = ctx_of(ctx)
+    path = log or c.audit_log
+    if not path.is_file():
+        raise InputError(f"audit log {str(path)!r} not found")
+    pub: Any = None
+    head = None
+    if pubkey is not None:
+        try:
+            pub = serialization.load_pem_public_key(read_input(pubkey, "public key"))
+        except ValueError:
+            raise InputError(f"public key {str(pubkey)!r} is not a PEM public key") from None
+    if with_token:
+        cfg = c.token_config()
+        with open_session(cfg) as session:
+            ident = log_id(path)
+            if ident is not None:
+                head = TokenHeadStore(session, ident).read()
+                if head is None:
+                    raise VerificationFailed(
+                        f"the token holds no head for audit log {path} (another token, or the "
+                        "log was replaced)")
+            if pub is None:
+                pub = find_key(session, c.policy.audit_key, cfg.label).public_key()
+    report = verify_log(path, pub, head)
+    data = {
+        "log": str(path), "ok": True, "records": report.records,
+        "checkpoints": report.checkpoints, "last_seq": report.last_seq,
+        "signatures_checked": report.signatures_checked, "head_checked": report.head_checked,
+        "unsigned_tail": report.unsigned_tail, "repairs": report.repairs,
+        "first_ts": report.first_ts, "last_ts": report.last_ts,
+        "interrupted": [{"seq": i.seq, "line": i.line, "op": i.op, "ts": i.ts, "key": i.key}
+                        for i in report.open_intents],
+    }
+
+    def human() -> None:
+        typer.echo(f"{path}: OK, {report.records} records, {report.checkpoints} checkpoints, "
+                   f"last seq {report.last_seq}")
+        sigs = ("verified" if report.signatures_checked
+                else "NOT checked (give --pubkey or --with-token)")
+        head_state = "matches" if report.head_checked else "not checked"
+        typer.echo(f"  signatures: {sigs}; token head: {head_state}")
+        if report.unsigned_tail:
+            typer.echo(f"  {report.unsigned_tail} record(s) after the last checkpoint")
+        for i in report.open_intents:
+            typer.echo(f"  interrupted: seq {i.seq} {i.op} at {i.ts} (intent without outcome)")
+
+    c.emit(data, human)
+
+
+def _parse_time(text: str | None, what: str) -> Any:
+    from datetime import datetime
+
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not an ISO 8601 time") from None
+
+
+@audit_app.command("show")
+def audit_show(
+    ctx: typer.Context,
+    log: LogArg = None,
+    op: Annotated[str | None, typer.Option("--op", help="sign, derive, encrypt, ...")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Key label or URI.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device MAC.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO time, inclusive.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="ISO time, inclusive.")] = None,
+) -> None:
+    """Show audit records, filtered by operation, key, device and time."""
+    from hsmflash.audit import filter_records, iter_records
+
+    c = ctx_of(ctx)
+    path = log or c.audit_log
+    records = list(filter_records(iter_records(path), op=op, key=key, device=device,
+                                  since=_parse_time(since, "--since"),
+                                  until=_parse_time(until, "--until")))
+
+    def human() -> None:
+        for r in records:
+            subj = r.get("subject") or {}
+            who = subj.get("device") or subj.get("image") or subj.get("name") or ""
+            ident = r.get("kcv") or (r.get("key_fp") or "")[:23]
+            key_label = str(r.get("key", "")).rsplit("object=", 1)[-1]
+            typer.echo(f"{r['seq']:6} {r['ts']} {r['op']:14} {r['phase']:6} "
+                       f"{key_label:18} {ident:23} {who}")
+        typer.echo(f"{len(records)} record(s)", err=True)
+
+    c.emit(records, human)
+
+
+@audit_app.command("report")
+def audit_report(ctx: typer.Context, log: LogArg = None) -> None:
+    """Summarise the log: operations by outcome, devices, exports, interrupted operations."""
+    from collections import Counter
+
+    from hsmflash.audit import iter_records
+
+    c = ctx_of(ctx)
+    path = log or c.audit_log
+    ops: Counter[str] = Counter()
+    keys: Counter[str] = Counter()
+    devices: set[str] = set()
+    exports = 0
+    intents: dict[int, dict[str, Any]] = {}
+    for r in iter_records(path):
+        if r["phase"] == "intent":
+            intents[r["seq"]] = r
+            continue
+        intents.pop(r["detail"].get("intent_seq", -1), None)
+        ops[f"{r['op']}:{r['phase']}"] += 1
+        if r.get("key"):
+            keys[str(r["key"]).rsplit("object=", 1)[-1]] += 1
+        dev = (r.get("subject") or {}).get("device")
+        if dev:
+            devices.add(dev)
+        if "exported" in r["detail"]:
+            exports += 1
+    data = {"log": str(path), "operations": dict(ops), "keys": dict(keys),
+            "devices": len(devices), "exports": exports,
+            "interrupted": [{"seq": s, "op": r["op"], "ts": r["ts"]} for s, r in intents.items()]}
+
+    def human() -> None:
+        typer.echo(f"{path}")
+        for k, n in sorted(ops.items()):
+            typer.echo(f"  {k:28} {n}")
+        typer.echo(f"  devices: {len(devices)}; per-device key exports: {exports}")
+        for k, n in keys.most_common():
+            typer.echo(f"  key {k}: {n} use(s)")
+        for s, r in intents.items():
+            typer.echo(f"  interrupted: seq {s} {r['op']} at {r['ts']}")
+
+    c.emit(data, human)

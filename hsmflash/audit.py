@@ -1,0 +1,617 @@
+"""The tamper-evident audit log: JSON Lines, hash-chained, checkpointed by the token's audit key.
+
+One record per line (DESIGN.md, "Audit log"):
+
+    {"v":1,"seq":n,"ts":"2025-01-31T12:00:00.123456Z","station":..,"actor":..,"op":..,
+     "phase":"intent|ok|error","key":"pkcs11:...","kcv"|"key_fp":..,"subject":{..},
+     "detail":{..},"prev":hex,"hash":hex}
+
+- `seq` starts at 0 and increases by 1; `prev` is the previous record's `hash`, 64 zeros for seq 0.
+- `hash` = SHA-256 of the canonical JSON of the record without `hash` (sorted keys, separators
+  `,` and `:`, no ASCII escaping, UTF-8). Lines are written compact in the field order above.
+- `key`, `kcv` and `key_fp` are omitted when unknown; `subject` and `detail` are always present.
+- An outcome (`ok`/`error`) written by `AuditLog.use` names its intent in `detail["intent_seq"]`.
+- A `checkpoint` record (phase `ok`) signs the record just before it: its detail holds
+  `signed_seq`, `signed_hash` and `sig`, the raw ECDSA P-256 r||s (hex) over
+  SHA-256(uint64_be(signed_seq) || bytes.fromhex(signed_hash)). Its own (seq, hash) is then
+  stored as the head in the token, so truncation and rollback show against the token.
+
+Appends take an exclusive `flock` on the log file itself, read only the last line, write one
+line and fsync before returning. A final line without its newline (power lost mid-write) is
+repaired under the lock: if it is a whole record that chains, only the newline is added; any
+other fragment was never fsync'd, so no caller saw its append return and no key was used for it.
+It is cut off, and a `log-repair` record stating its length and SHA-256 is written first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import unquote
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from hsmflash.errors import (
+    Error,
+    InputError,
+    InternalError,
+    TokenError,
+    VerificationFailed,
+)
+from hsmflash.primitives import DigestSigner, PublicKey
+
+VERSION = 1
+GENESIS_PREV = "0" * 64
+PHASES = ("intent", "ok", "error")
+CHECKPOINT_OP = "checkpoint"
+REPAIR_OP = "log-repair"
+_P256_HALF = 32
+_REQUIRED: dict[str, type] = {
+    "v": int, "seq": int, "ts": str, "station": str, "actor": str, "op": str, "phase": str,
+    "subject": dict, "detail": dict, "prev": str, "hash": str,
+}
+_OPTIONAL: dict[str, type] = {"key": str, "kcv": str, "key_fp": str}
+
+Record = dict[str, Any]
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+
+
+class HeadStore(Protocol):
+    """Where the log head (seq, hash of the last checkpoint) is kept: a token object."""
+
+    def read(self) -> tuple[int, str] | None:
+        """The stored head, or None before the first checkpoint."""
+        ...
+
+    def write(self, seq: int, hash: str) -> None:
+        """Replace the stored head."""
+        ...
+
+
+# -- record format -------------------------------------------------------------------------
+
+
+def record_hash(record: Record) -> str:
+    """SHA-256 (hex) of the canonical JSON of `record` without its `hash` field.
+
+    Raises:
+        InternalError: the record holds something JSON cannot carry.
+    """
+    body = {k: v for k, v in record.items() if k != "hash"}
+    try:
+        canonical = _CANONICAL.encode(body).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise InternalError(f"audit record is not plain JSON: {e}") from e
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def checkpoint_digest(seq: int, hash_hex: str) -> bytes:
+    """The digest a checkpoint signs: SHA-256(uint64_be(seq) || bytes.fromhex(hash))."""
+    return hashlib.sha256(struct.pack(">Q", seq) + bytes.fromhex(hash_hex)).digest()
+
+
+def public_key_fingerprint(public_key: PublicKey) -> str:
+    """SHA-256 (hex) of the DER SubjectPublicKeyInfo: how records name an asymmetric key."""
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _build_record(seq: int, prev: str, ts: str, station: str, actor: str, op: str, phase: str,
+                  *, key: str | None = None, kcv: str | None = None, key_fp: str | None = None,
+                  subject: dict[str, Any] | None = None,
+                  detail: dict[str, Any] | None = None) -> Record:
+    if phase not in PHASES:
+        raise InternalError(f"audit phase must be one of {', '.join(PHASES)}, not {phase!r}")
+    if kcv is not None and key_fp is not None:
+        raise InternalError("an audit record names a key by kcv or by key_fp, not both")
+    record: Record = {"v": VERSION, "seq": seq, "ts": ts, "station": station, "actor": actor,
+                      "op": op, "phase": phase}
+    for name, value in (("key", key), ("kcv", kcv), ("key_fp", key_fp)):
+        if value is not None:
+            record[name] = value
+    record["subject"] = dict(subject or {})
+    record["detail"] = dict(detail or {})
+    record["prev"] = prev
+    record["hash"] = record_hash(record)
+    return record
+
+
+def _encode_line(record: Record) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate field {k!r}")
+        out[k] = v
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+
+
+def _where(lineno: int, seq: object) -> str:
+    return f"line {lineno} (seq {seq})" if isinstance(seq, int) else f"line {lineno}"
+
+
+def _parse_line(raw: bytes, lineno: int) -> Record:
+    """Parse one line and check its shape and its own hash; the chain is the caller's job."""
+    try:
+        obj = _DECODER.decode(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise VerificationFailed(f"line {lineno}: not a JSON record ({e})") from e
+    if not isinstance(obj, dict):
+        raise VerificationFailed(f"line {lineno}: not a JSON object")
+    def bad(what: str) -> VerificationFailed:
+        return VerificationFailed(f"{_where(lineno, obj.get('seq'))}: {what}")
+
+    if obj.get("v") != VERSION:
+        raise bad(f"unsupported record version {obj.get('v')!r}")
+    for name, typ in _REQUIRED.items():
+        if type(obj.get(name)) is not typ:
+            raise bad(f"field {name!r} is missing" if name not in obj
+                      else f"field {name!r} is not a {typ.__name__}")
+    for name, typ in _OPTIONAL.items():
+        if name in obj and type(obj[name]) is not typ:
+            raise bad(f"field {name!r} is not a {typ.__name__}")
+    if obj["phase"] not in PHASES:
+        raise bad(f"unknown phase {obj['phase']!r}")
+    try:
+        expected = record_hash(obj)
+    except InternalError as e:
+        raise bad("not plain JSON") from e
+    if obj["hash"] != expected:
+        raise bad("hash does not match its content")
+    return obj
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _reverse_lines(fd: int, end: int, chunk: int = 8192) -> Iterator[bytes]:
+    """Lines of the file before offset `end`, last first; each keeps its newline if it has one."""
+    pos, buf = end, b""
+    while pos > 0:
+        n = min(chunk, pos)
+        pos -= n
+        buf = os.pread(fd, n, pos) + buf
+        while (cut := buf.rfind(b"\n", 0, len(buf) - 1)) >= 0:
+            yield buf[cut + 1:]
+            buf = buf[:cut + 1]
+    if buf:
+        yield buf
+
+
+def _open_for_reading(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read audit log {path}: {e.strerror or e}") from e
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """The records of a log, in order, each checked for shape and own hash (not the chain).
+
+    An unterminated final line that is not a whole record is skipped (see the module doc).
+
+    Raises:
+        InputError: the log cannot be read, or a line is not an audit record.
+    """
+    path = Path(path)
+    with _open_for_reading(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield _parse_line(raw.rstrip(b"\n"), lineno)
+            except VerificationFailed as e:
+                if not raw.endswith(b"\n"):
+                    return
+                raise InputError(f"audit log {path} {e}") from e
+
+
+def _norm_device(value: object) -> str:
+    return str(value).lower().replace(":", "").replace("-", "")
+
+
+def _key_matches(uri: str, wanted: str) -> bool:
+    if uri == wanted:
+        return True
+    attrs = dict(p.split("=", 1) for p in uri.removeprefix("pkcs11:").split(";") if "=" in p)
+    return unquote(attrs.get("object", "")) == wanted
+
+
+def _parse_ts(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def filter_records(records: Iterable[Record], *, op: str | None = None, key: str | None = None,
+                   device: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None) -> Iterator[Record]:
+    """Records matching every given criterion (for `audit show`).
+
+    `key` matches the record's URI exactly or its `object=` label; `device` matches
+    subject["device"] or subject["mac"], ignoring case and `:`/`-`; `since`/`until` are
+    inclusive bounds on `ts` (naive datetimes are taken as UTC).
+
+    Raises:
+        InputError: a record's timestamp is not RFC 3339.
+    """
+    def aware(d: datetime | None) -> datetime | None:
+        return d.replace(tzinfo=UTC) if d is not None and d.tzinfo is None else d
+
+    since, until = aware(since), aware(until)
+    for rec in records:
+        if op is not None and rec.get("op") != op:
+            continue
+        if key is not None and not _key_matches(str(rec.get("key", "")), key):
+            continue
+        if device is not None:
+            subj = rec.get("subject") or {}
+            found = subj.get("device", subj.get("mac"))
+            if found is None or _norm_device(found) != _norm_device(device):
+                continue
+        if since is not None or until is not None:
+            try:
+                ts = _parse_ts(rec["ts"])
+            except (KeyError, ValueError) as e:
+                raise InputError(f"audit record seq {rec.get('seq')}: bad timestamp") from e
+            if (since is not None and ts < since) or (until is not None and ts > until):
+                continue
+        yield rec
+
+
+# -- verification ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenIntent:
+    """An intent with no outcome: an interrupted (or still running) operation."""
+
+    line: int
+    seq: int
+    op: str
+    ts: str
+    key: str | None
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_log` found in a log that verifies."""
+
+    path: Path
+    records: int = 0
+    checkpoints: int = 0
+    last_seq: int | None = None
+    last_hash: str | None = None
+    first_ts: str | None = None
+    last_ts: str | None = None
+    open_intents: list[OpenIntent] = field(default_factory=list)
+    unsigned_tail: int = 0  # records after the last checkpoint
+    repairs: int = 0  # log-repair records (power lost mid-write)
+    signatures_checked: bool = False
+    head_checked: bool = False
+    partial_final_line: int | None = None  # an unterminated fragment, ignored
+
+
+def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
+                       public_key: ec.EllipticCurvePublicKey | None,
+                       fingerprint: str | None) -> None:
+    d = rec["detail"]
+    if rec["phase"] != "ok":
+        raise VerificationFailed(f"{where}: a checkpoint must have phase ok")
+    if prev_seq is None or d.get("signed_seq") != prev_seq or d.get("signed_hash") != rec["prev"]:
+        raise VerificationFailed(f"{where}: checkpoint does not sign the record before it")
+    sig = d.get("sig")
+    try:
+        raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 2 * _P256_HALF:
+        raise VerificationFailed(f"{where}: checkpoint signature is not a P-256 r||s")
+    if public_key is None:
+        return
+    if rec.get("key_fp") not in (None, fingerprint):
+        raise VerificationFailed(f"{where}: checkpoint was signed by another key "
+                                 f"(fingerprint {rec['key_fp'][:16]}...)")
+    der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
+                                     int.from_bytes(raw[_P256_HALF:], "big"))
+    try:
+        public_key.verify(der, checkpoint_digest(prev_seq, rec["prev"]),
+                          ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    except InvalidSignature as e:
+        raise VerificationFailed(f"{where}: checkpoint signature does not verify") from e
+
+
+def verify_log(path: str | Path, public_key: PublicKey | None = None,
+               expected_head: tuple[int, str] | None = None) -> VerifyReport:
+    """Verify a whole log without a token: format, hashes, chain, checkpoints, the token's head.
+
+    With `public_key` every checkpoint signature is checked, and a non-empty log without any
+    checkpoint fails (nothing in it would be authenticated); records after the last checkpoint
+    are only counted (`unsigned_tail`). With `expected_head` (seq, hash) from the token, the
+    record at that seq must exist and carry that hash. Intents without outcome are listed, not
+    failed: an interrupted operation must be visible.
+
+    Raises:
+        InputError: the log cannot be read.
+        VerificationFailed: naming the first bad record (line number, seq, what is wrong).
+    """
+    path = Path(path)
+    ec_key: ec.EllipticCurvePublicKey | None = None
+    if public_key is not None:
+        if not (isinstance(public_key, ec.EllipticCurvePublicKey)
+                and isinstance(public_key.curve, ec.SECP256R1)):
+            raise InputError("the audit public key must be ECDSA P-256")
+        ec_key = public_key
+    fingerprint = public_key_fingerprint(ec_key) if ec_key is not None else None
+    report = VerifyReport(path, signatures_checked=public_key is not None)
+    pending: dict[int, OpenIntent] = {}
+    prev_seq: int | None = None
+    prev_hash = GENESIS_PREV
+    with _open_for_reading(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                try:
+                    rec = _parse_line(raw, lineno)
+                except VerificationFailed:
+                    report.partial_final_line = lineno
+                    break
+            else:
+                rec = _parse_line(raw[:-1], lineno)
+            seq = rec["seq"]
+            where = _where(lineno, seq)
+            want = 0 if prev_seq is None else prev_seq + 1
+            if seq != want:
+                raise VerificationFailed(f"{where}: seq {seq} where {want} was expected")
+            if rec["prev"] != prev_hash:
+                raise VerificationFailed(f"{where}: prev does not match the previous record")
+            if rec["op"] == CHECKPOINT_OP:
+                _verify_checkpoint(rec, where, prev_seq, ec_key, fingerprint)
+                report.checkpoints += 1
+                report.unsigned_tail = 0
+            else:
+                report.unsigned_tail += 1
+            if expected_head is not None and seq == expected_head[0]:
+                if rec["hash"] != expected_head[1]:
+                    raise VerificationFailed(f"{where}: hash differs from the token's head "
+                                             "(the log was replaced or rolled back)")
+                report.head_checked = True
+            if rec["op"] == REPAIR_OP:
+                report.repairs += 1
+            if rec["phase"] == "intent":
+                pending[seq] = OpenIntent(lineno, seq, rec["op"], rec["ts"], rec.get("key"))
+            else:
+                pending.pop(rec["detail"].get("intent_seq", -1), None)
+            report.records += 1
+            report.first_ts = report.first_ts or rec["ts"]
+            report.last_ts = rec["ts"]
+            prev_seq, prev_hash = seq, rec["hash"]
+    report.last_seq = prev_seq
+    report.last_hash = prev_hash if prev_seq is not None else None
+    if expected_head is not None and not report.head_checked:
+        ends = "is empty" if prev_seq is None else f"ends at seq {prev_seq}"
+        raise VerificationFailed(f"audit log {path} {ends} but the token's head is seq "
+                                 f"{expected_head[0]} (records were cut)")
+    if public_key is not None and report.records and not report.checkpoints:
+        raise VerificationFailed(f"audit log {path} has no checkpoint: none of its "
+                                 f"{report.records} records is signed by the audit key")
+    report.open_intents = sorted(pending.values(), key=lambda i: i.seq)
+    return report
+
+
+# -- appending -------------------------------------------------------------------------------
+
+
+class _LockedLog:
+    """The log file under an exclusive lock, with its verified tail."""
+
+    def __init__(self, fd: int, path: Path, station: str, actor: str) -> None:
+        self.fd, self.path, self.station, self.actor = fd, path, station, actor
+        self.seq: int | None = None
+        self.hash = GENESIS_PREV
+        self._load_tail()
+
+    def _corrupt(self, what: str) -> VerificationFailed:
+        return VerificationFailed(f"audit log {self.path}: {what}; "
+                                  f"run `hsmflash audit verify {self.path}`")
+
+    def _load_tail(self) -> None:
+        size = os.fstat(self.fd).st_size
+        lines = _reverse_lines(self.fd, size)
+        last = next(lines, None)
+        if last is None:
+            return
+        fragment = b""
+        if not last.endswith(b"\n"):
+            fragment, last = last, next(lines, None)
+        if last is not None:
+            try:
+                rec = _parse_line(last[:-1], 0)
+            except VerificationFailed as e:
+                raise self._corrupt("its last record is damaged") from e
+            self.seq, self.hash = rec["seq"], rec["hash"]
+        if fragment:
+            self._repair(fragment, size)
+
+    def _repair(self, fragment: bytes, size: int) -> None:
+        try:
+            rec: Record | None = _parse_line(fragment, 0)
+        except VerificationFailed:
+            rec = None
+        want = 0 if self.seq is None else self.seq + 1
+        if rec is not None and rec["seq"] == want and rec["prev"] == self.hash:
+            self._write(b"\n")  # only the newline was lost: keep the verified record
+            self.seq, self.hash = rec["seq"], rec["hash"]
+            return
+        os.ftruncate(self.fd, size - len(fragment))
+        os.fsync(self.fd)
+        self.write(REPAIR_OP, "ok", detail={
+            "cut_partial_line": {"bytes": len(fragment),
+                                 "sha256": hashlib.sha256(fragment).hexdigest()}})
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            raise InputError(f"cannot write audit log {self.path}: {e.strerror or e}") from e
+
+    def write(self, op: str, phase: str, **fields: Any) -> Record:
+        seq = 0 if self.seq is None else self.seq + 1
+        record = _build_record(seq, self.hash, _now(), self.station, self.actor, op, phase,
+                               **fields)
+        try:
+            line = _encode_line(record)
+        except UnicodeEncodeError as e:
+            raise InternalError(f"audit record is not plain JSON: {e}") from e
+        self._write(line)
+        self.seq, self.hash = seq, record["hash"]
+        return record
+
+    def find(self, seq: int) -> Record | None:
+        """The record with this seq, searched from the end (heads are near the tail)."""
+        size = os.fstat(self.fd).st_size
+        for raw in _reverse_lines(self.fd, size):
+            try:
+                rec = _parse_line(raw.rstrip(b"\n"), 0)
+            except VerificationFailed as e:
+                raise self._corrupt("a record before its tail is damaged") from e
+            if rec["seq"] <= seq:
+                return rec if rec["seq"] == seq else None
+        return None
+
+
+class AuditLog:
+    """A station's audit log file; safe to append from several processes at once."""
+
+    def __init__(self, path: str | Path, *, station: str, actor: str) -> None:
+        self.path = Path(path)
+        self.station = station
+        self.actor = actor
+
+    @contextmanager
+    def _locked(self) -> Iterator[_LockedLog]:
+        created = not self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as e:
+            raise InputError(f"cannot open audit log {self.path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if created:  # make the new file's name durable too
+                dfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            yield _LockedLog(fd, self.path, self.station, self.actor)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def append(self, op: str, phase: str, *, key: str | None = None, kcv: str | None = None,
+               key_fp: str | None = None, subject: dict[str, Any] | None = None,
+               detail: dict[str, Any] | None = None) -> Record:
+        """Append one record, fsync'd before returning; returns the record written.
+
+        Raises:
+            InputError: the log cannot be opened or written.
+            VerificationFailed: the log's last record is damaged (run `audit verify`).
+            InternalError: bad phase, both kcv and key_fp, or non-JSON subject/detail.
+        """
+        with self._locked() as log:
+            return log.write(op, phase, key=key, kcv=kcv, key_fp=key_fp, subject=subject,
+                             detail=detail)
+
+    @contextmanager
+    def use(self, op: str, *, key: str | None = None, kcv: str | None = None,
+            key_fp: str | None = None, subject: dict[str, Any] | None = None,
+            detail: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Write a durable intent, yield a dict for outcome details, then write ok or error.
+
+        The outcome's detail is the yielded dict plus `intent_seq`; on failure also `error_class`
+        and, for hsmflash errors only, `error` (their one-line message; other exceptions' text
+        could carry anything, so only their class is kept). The exception is re-raised.
+
+        Raises:
+            as `append`, and whatever the block raises.
+        """
+        ids: dict[str, Any] = {"key": key, "kcv": kcv, "key_fp": key_fp, "subject": subject}
+        intent = self.append(op, "intent", detail=detail, **ids)
+        outcome: dict[str, Any] = {}
+        try:
+            yield outcome
+        except BaseException as e:
+            failure = {**outcome, "intent_seq": intent["seq"], "error_class": type(e).__name__}
+            if isinstance(e, Error):
+                failure["error"] = e.diagnostics()
+            self.append(op, "error", detail=failure, **ids)
+            raise
+        self.append(op, "ok", detail={**outcome, "intent_seq": intent["seq"]}, **ids)
+
+    def checkpoint(self, signer: DigestSigner, head_store: HeadStore, *,
+                   key: str | None = None) -> Record:
+        """Sign the last record with the audit key, append the checkpoint, store it as the head.
+
+        Before signing, the token's current head must still be in the log with the same hash,
+        so a cut or replaced log is never re-anchored. All of it happens under the log's lock.
+
+        Raises:
+            TokenError: the signer is not ECDSA P-256 or returned a bad signature.
+            InputError: the log is empty or cannot be written.
+            VerificationFailed: the token's head is not in the log (cut, rolled back, replaced).
+        """
+        if signer.algorithm != "ec-p256":
+            raise TokenError(f"the audit key must be ec-p256, not {signer.algorithm}")
+        public_key = signer.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise TokenError("the audit key's public half is not an EC key")
+        with self._locked() as log:
+            if log.seq is None:
+                raise InputError(f"audit log {self.path} is empty: nothing to checkpoint")
+            head = head_store.read()
+            if head is not None:
+                found = log.find(head[0])
+                if found is None:
+                    raise VerificationFailed(f"audit log {self.path} ends at seq {log.seq} but "
+                                             f"the token's head is seq {head[0]}")
+                if found["hash"] != head[1]:
+                    raise VerificationFailed(f"audit log {self.path}: seq {head[0]} differs from "
+                                             "the token's head (replaced or rolled back)")
+            signed_seq, signed_hash = log.seq, log.hash
+            digest = checkpoint_digest(signed_seq, signed_hash)
+            sig = signer.sign_digest(digest)
+            try:
+                if len(sig) != 2 * _P256_HALF:
+                    raise InvalidSignature
+                public_key.verify(
+                    utils.encode_dss_signature(int.from_bytes(sig[:_P256_HALF], "big"),
+                                               int.from_bytes(sig[_P256_HALF:], "big")),
+                    digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            except InvalidSignature as e:
+                raise TokenError("the audit key returned a signature that does not verify") from e
+            record = log.write(CHECKPOINT_OP, "ok", key=key,
+                               key_fp=public_key_fingerprint(public_key),
+                               detail={"signed_seq": signed_seq, "signed_hash": signed_hash,
+                                       "alg": "ecdsa-p256-sha256", "sig": sig.hex()})
+            head_store.write(record["seq"], record["hash"])
+            return record

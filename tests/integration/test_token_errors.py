@@ -1,0 +1,58 @@
+"""Module, token and PIN problems: one line, exit 4, nothing written, PIN asked once."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TOKEN_LABEL, run_cli
+
+
+def test_missing_module(token_env, tmp_path):
+    r = run_cli("--module", tmp_path / "nope.so", "keys", "list")
+    assert r.code == 4
+    assert "nope.so" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_unknown_token_label(token_env):
+    r = run_cli("--token", "no-such-token", "keys", "list")
+    assert r.code == 4
+    assert "no-such-token" in r.err
+    assert TOKEN_LABEL in r.err  # tells the user which tokens exist
+
+
+def test_wrong_pin_is_asked_once_and_not_retried(token_env, tmp_path, monkeypatch):
+    from hsmflash import _cli
+
+    asked = []
+    original = _cli.Context.pin_handler
+
+    def counting(self, prompt):  # type: ignore[no-untyped-def]
+        asked.append(prompt)
+        return original(self, prompt)
+
+    monkeypatch.setattr(_cli.Context, "pin_handler", counting)
+    monkeypatch.setenv("HSMFLASH_PIN", "definitely-wrong")
+    log = tmp_path / "audit.jsonl"
+    r = run_cli("keys", "generate", "never-made", "--type", "aes-256")
+    assert r.code == 4
+    assert "wrong PIN" in r.err
+    assert len(asked) == 1
+    assert not log.exists() or "never-made" not in log.read_text()
+    # the right PIN still works: the token was not locked by retries
+    monkeypatch.delenv("HSMFLASH_PIN")
+    pin = tmp_path / "pin"
+    pin.write_text(token_env["HSMFLASH_PIN"] + "\n")
+    assert run_cli("--pin-file", pin, "keys", "list").code == 0
+
+
+def test_no_pin_source_non_interactive(token_env, monkeypatch):
+    monkeypatch.delenv("HSMFLASH_PIN")
+    r = run_cli("keys", "list")
+    assert r.code == 4
+    assert "HSMFLASH_PIN" in r.err
+
+
+@pytest.mark.parametrize("flag", ["--pin", "--user-pin"])
+def test_pin_is_not_accepted_on_the_command_line(token_env, flag):
+    r = run_cli(flag, "1234", "keys", "list")
+    assert r.code == 2
