@@ -1,0 +1,207 @@
+"""Release signing through the token: Secure Boot V2/V1 images, SBv1 bootloader digests.
+
+Every input is checked (image parser, chip, scheme, key type, policy) before the key is used;
+each signature goes through `Station.use`, audited with the image SHA-256, key fingerprint,
+chip and scheme.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hsmflash import signing
+from hsmflash.chips import SBV1, SBV2, Chip
+from hsmflash.errors import InputError
+from hsmflash.images import inspect_image
+from hsmflash.keys import TokenKey
+from hsmflash.keyuse import Station
+from hsmflash.primitives import PublicKey
+
+SCHEMES = (SBV2, SBV1)
+
+
+@dataclass
+class SignResult:
+    output: bytes
+    scheme: str
+    chip: str
+    key: str
+    fingerprint: str
+    input_sha256: str
+    output_sha256: str
+    signatures: int
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "output"}
+
+
+def default_scheme(chip: Chip) -> str:
+    return SBV1 if chip.name == "esp32" else SBV2
+
+
+def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str | None,
+               *, append: bool = False, name: str = "image") -> SignResult:
+    """Sign `image` for `chip` with a token key.
+
+    Raises:
+        InputError: not an image for the chip, already signed, wrong key type for the scheme.
+        PolicyRefused: the policy does not allow this key for this chip and scheme.
+        TokenError / VerificationFailed: from the token or the post-sign check.
+    """
+    scheme = scheme or default_scheme(chip)
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown scheme {scheme!r} (sbv2 or sbv1)")
+    if scheme == SBV1:
+        if not chip.sbv1:
+            raise InputError(f"{chip.name} has no Secure Boot V1; use --scheme sbv2")
+        if key.type != "ec-p256":
+            raise InputError(f"key {key.name!r} is {key.type}; Secure Boot V1 needs ec-p256")
+        if append:
+            raise InputError("--append is for Secure Boot V2 signature sectors")
+    elif key.type not in chip.sbv2_algorithms:
+        raise InputError(f"key {key.name!r} is {key.type}; {chip.name} Secure Boot V2 takes "
+                         f"{', '.join(chip.sbv2_algorithms)}")
+    info = inspect_image(image, chip, name)  # before any key use
+    fp = key.fingerprint()
+    policy = st.policy
+
+    def check() -> None:
+        if policy.chips:
+            policy.check_sign(key.name, chip.name, scheme)
+
+    with st.use("sign", key, subject={"image_sha256": info.sha256, "image": name},
+                detail={"chip": chip.name, "scheme": scheme, "append": append},
+                check=check) as outcome:
+        signer = st.signer(key)
+        if scheme == SBV2:
+            out = signing.sign_sbv2(image, signer, chip, append=append, name=name)
+            count = len(inspect_image(out, chip, name).sbv2_blocks)
+        else:
+            out = signing.sign_sbv1(image, signer, name=name)
+            count = 1
+        out_sha = hashlib.sha256(out).hexdigest()
+        outcome.update({"output_sha256": out_sha, "signatures": count})
+    return SignResult(out, scheme, chip.name, key.name, fp, info.sha256, out_sha, count)
+
+
+def verify_image(image: bytes, public_key: PublicKey, scheme: str | None = None,
+                 name: str = "image") -> dict[str, Any]:
+    """Verify an SBv2 (any block) or SBv1 signature; the scheme is detected when not given.
+
+    Raises:
+        VerificationFailed: the signature does not verify (exit 6).
+        InputError: the key type fits no scheme.
+    """
+    from hsmflash.images import SECTOR_SIZE, SIG_BLOCK_MAGIC
+
+    if scheme is None:
+        # Only ECDSA P-256 keys sign both schemes; a (possibly damaged) SBv2 sector starts
+        # with the block magic at the last 4 KiB boundary.
+        looks_sbv2 = (len(image) >= SECTOR_SIZE and len(image) % SECTOR_SIZE == 0
+                      and image[-SECTOR_SIZE] == SIG_BLOCK_MAGIC)
+        is_p256 = signing.key_algorithm(public_key) == "ec-p256"
+        scheme = SBV2 if (looks_sbv2 or not is_p256) else SBV1
+    if scheme == SBV2:
+        index = signing.verify_sbv2(image, public_key, name)
+        return {"scheme": SBV2, "block": index, "ok": True}
+    signing.verify_sbv1(image, public_key, name)
+    return {"scheme": SBV1, "ok": True}
+
+
+def key_digest(key: TokenKey, chip: Chip) -> dict[str, Any]:
+    """The value to burn into eFuse for a signing key: SBv2 public-key digest, or for SBv1
+    the raw public key the bootloader build embeds.
+
+    Raises:
+        InputError: the key does not fit the chip's schemes.
+    """
+    pub = key.public_key()
+    if key.type in chip.sbv2_algorithms:
+        digest = signing.sbv2_public_key_digest(pub)
+        return {"scheme": SBV2, "chip": chip.name, "key": key.name, "digest": digest.hex(),
+                "bytes": digest, "what": "SHA-256 of the public key material: burn into a "
+                "SECURE_BOOT_DIGESTn key block (espefuse burn-key-digest takes the PEM)"}
+    if chip.sbv1 and key.type == "ec-p256":
+        raw = signing.sbv1_public_key_bytes(pub)
+        return {"scheme": SBV1, "chip": chip.name, "key": key.name, "digest": raw.hex(),
+                "bytes": raw, "what": "raw public key for the SBv1 bootloader build "
+                "(signature_verification_key.bin)"}
+    raise InputError(f"key {key.name!r} ({key.type}) fits no Secure Boot scheme of {chip.name}")
+
+
+def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | None,
+                      *, master: TokenKey | None = None, device: bytes | None = None,
+                      iv: bytes | None = None, name: str = "bootloader") -> tuple[bytes, str]:
+    """SBv1 bootloader digest image (as `espsecure digest-secure-bootloader`), AES in the token.
+
+    The key is a token AES-256 key (`cipher_key`) or the device's `SECURE_BOOT_V1` key derived
+    from `master` for `device`. Returns (output, kcv).
+
+    Raises:
+        InputError: bad bootloader, IV or key type.
+    """
+    from hsmflash.chips import CHIPS
+
+    info = inspect_image(bootloader, CHIPS["esp32"], name)
+    iv = iv if iv is not None else os.urandom(signing.SBV1_IV_LEN)
+    if len(iv) != signing.SBV1_IV_LEN:
+        raise InputError(f"IV is {len(iv)} bytes; Secure Boot V1 needs 128")
+    if cipher_key is not None:
+        if cipher_key.type != "aes-256" or "encrypt" not in cipher_key.usage:
+            raise InputError(f"key {cipher_key.name!r} must be aes-256 with usage encrypt")
+        with st.use("sbv1.digest", cipher_key, subject={"image_sha256": info.sha256},
+                    detail={"chip": "esp32"}) as outcome:
+            out = signing.sbv1_bootloader_digest(bootloader, st.cipher(cipher_key), iv, name)
+            outcome["output_sha256"] = hashlib.sha256(out).hexdigest()
+        return out, cipher_key.kcv()
+    if master is None or device is None:
+        raise InputError("give --key NAME, or --master NAME with --device MAC")
+    from hsmflash.kdf import format_mac
+
+    def check() -> None:
+        if st.policy.chips:
+            st.policy.check_master(master.name, "esp32")
+
+    with st.use("sbv1.digest", master, subject={"device": format_mac(device),
+                                                "image_sha256": info.sha256},
+                detail={"chip": "esp32", "purpose": "SECURE_BOOT_V1"}, check=check) as outcome:
+        derived = st.derive(master, device, "SECURE_BOOT_V1")
+        try:
+            out = signing.sbv1_bootloader_digest(bootloader, derived.ciphers()[0], iv, name)
+            kcv = derived.kcv
+        finally:
+            derived.destroy()
+        outcome.update({"device_kcv": kcv, "output_sha256": hashlib.sha256(out).hexdigest()})
+    return out, kcv
+
+
+def load_public_key(data: bytes, name: str) -> PublicKey:
+    """A verification key from a PEM public key, a PEM private key (as espsecure accepts), or
+    espsecure's raw 64-byte SBv1 public key (`extract-public-key --version 1`).
+
+    Raises:
+        InputError: none of those, or not RSA/EC.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key: Any = None
+    if len(data) == 64 and not data.startswith(b"-----"):
+        try:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + data)
+        except ValueError:
+            key = None
+    else:
+        for loader in (serialization.load_pem_public_key,
+                       lambda d: serialization.load_pem_private_key(d, None).public_key()):
+            try:
+                key = loader(data)
+                break
+            except (ValueError, TypeError):
+                continue
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise InputError(f"public key {name!r} is not a PEM key or a raw SBv1 public key")
+    return key
