@@ -901,3 +901,257 @@ def audit_report(ctx: typer.Context, log: LogArg = None) -> None:
             typer.echo(f"  interrupted: seq {s} {r['op']} at {r['ts']}")
 
     c.emit(data, human)
+
+
+# ---------------------------------------------------------------------------------------
+# devices: virtual chips, provisioning, re-flashing
+# ---------------------------------------------------------------------------------------
+virtual_app = typer.Typer(help="Virtual chips (espefuse's eFuse emulator + a flash file) for "
+                          "development and tests.", no_args_is_help=True)
+app.add_typer(virtual_app, name="virtual")
+
+
+@virtual_app.command("create")
+def virtual_create(
+    ctx: typer.Context,
+    chip: ChipOpt,
+    mac: Annotated[str, typer.Option("--mac", help="The chip's factory base MAC.")],
+    efuse_file: Annotated[Path, typer.Option("--efuse-file", help="Virtual eFuse file to "
+                                             "create.")],
+    revision: Annotated[str, typer.Option("--revision", help="Chip revision MAJOR.MINOR "
+                                          "(esp32: 1.0 for FiPy-era, 3.0 for ECO3).")] = "0.0",
+) -> None:
+    """Create a blank virtual chip with its own MAC and revision."""
+    from hsmflash.kdf import format_mac, parse_mac
+    from hsmflash.virtual import create_virtual_chip
+
+    c = ctx_of(ctx)
+    try:
+        major, minor = (int(x) for x in revision.split("."))
+    except ValueError:
+        raise InputError(f"--revision {revision!r} is not MAJOR.MINOR") from None
+    mac_bytes = parse_mac(mac)
+    create_virtual_chip(chip, efuse_file, mac_bytes, (major, minor))
+    c.emit({"chip": chip, "mac": format_mac(mac_bytes), "efuse_file": str(efuse_file),
+            "revision": revision}, f"created virtual {chip} v{revision} {format_mac(mac_bytes)} "
+           f"in {efuse_file}")
+
+
+PortOpt = Annotated[list[str] | None, typer.Option(
+    "--port", help="Serial port of a chip in download mode (repeat for station mode).")]
+VEfuseOpt = Annotated[list[Path] | None, typer.Option(
+    "--virtual-efuses", help="Virtual chip's eFuse file (repeat, paired with --virtual-flash).")]
+VFlashOpt = Annotated[list[Path] | None, typer.Option(
+    "--virtual-flash", help="Virtual chip's flash file (created erased when missing).")]
+ImageOpt = Annotated[list[str] | None, typer.Option(
+    "--image", help="ADDR=FILE to write encrypted (repeat); default: the policy's images.")]
+ManifestOpt = Annotated[Path | None, typer.Option(
+    "--manifest", help="Append one record per device (.csv, else JSON Lines).")]
+BaudOpt = Annotated[int, typer.Option("--baud", help="Serial baud rate.")]
+
+
+def _device_specs(ports: list[str] | None, efuses: list[Path] | None,
+                  flashes: list[Path] | None) -> list[dict[str, Any]]:
+    ports, efuses, flashes = ports or [], efuses or [], flashes or []
+    if ports and (efuses or flashes):
+        raise UsageError("give --port, or --virtual-efuses with --virtual-flash, not both")
+    if len(efuses) != len(flashes):
+        raise UsageError("each --virtual-efuses needs its --virtual-flash (same count, in order)")
+    if not ports and not efuses:
+        raise UsageError("no device: give --port DEV, or --virtual-efuses F --virtual-flash F")
+    if ports:
+        return [{"port": p, "name": p} for p in ports]
+    return [{"efuse_file": e, "flash_file": f, "name": str(e)} for e, f in zip(efuses, flashes,
+                                                                               strict=True)]
+
+
+def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
+    from hsmflash.fileio import read_input
+    from hsmflash.provision import parse_image_args
+
+    args = list(images or [])
+    if not args:
+        prof = c.policy.profile(chip)
+        base = Path(c.policy.path).parent
+        args = [f"{addr}={(base / f) if not Path(f).is_absolute() else f}"
+                for addr, f in prof.images.items()]
+    return parse_image_args(args, lambda p: read_input(p, "image"))
+
+
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+    import fcntl
+
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if path.suffix == ".csv":
+            cols = ["time", "mac", "chip", "revision", "fe_kcv", "sb_kcv", "images", "result",
+                    "error", "seconds"]
+            w = csv.DictWriter(f, fieldnames=cols)
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({**r, "images": ";".join(
+                    f"{i['address']}:{i['sha256']}" for i in r["images"])})
+        else:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _Table:
+    """The live progress table on stderr (one line per device, redrawn on a terminal)."""
+
+    def __init__(self, names: list[str], enabled: bool) -> None:
+        import threading
+
+        self.names = names
+        self.status = dict.fromkeys(names, "waiting")
+        self.lock = threading.Lock()
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.drawn = 0
+
+    def update(self, name: str, text: str) -> None:
+        with self.lock:
+            self.status[name] = text
+            if not self.enabled:
+                return
+            if not self.tty:
+                typer.echo(f"[{name}] {text}", err=True)
+                return
+            if self.drawn:
+                sys.stderr.write(f"\x1b[{self.drawn}F")
+            for n in self.names:
+                sys.stderr.write(f"\x1b[2K{n:40.40} {self.status[n]}\n")
+            self.drawn = len(self.names)
+            sys.stderr.flush()
+
+
+def _run_devices(c: Context, chip: str, specs: list[dict[str, Any]], baud: int,
+                 work: Callable[[Any, Any, Callable[[str], None]], Any],
+                 manifest: Path | None) -> list[Any]:
+    """Run `work(station, device, progress)` for each device, in parallel (station mode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hsmflash.device import open_device
+
+    table = _Table([s["name"] for s in specs], enabled=not c.json)
+    pin_cache: list[str] = []
+
+    def cached_pin(prompt: str) -> str:
+        with table.lock:
+            if not pin_cache:
+                pin_cache.append(c.pin_handler(prompt))
+            return pin_cache[0]
+
+    def one(spec: dict[str, Any]) -> Any:
+        name = spec["name"]
+        cfg = c.token_config()
+        cfg.pin_handler = cached_pin
+        try:
+            with Station.open(cfg, c.policy, c.audit_log) as st, open_device(
+                chip, port=spec.get("port"), efuse_file=spec.get("efuse_file"),
+                flash_file=spec.get("flash_file"),
+                flash_size=c.policy.profile(chip).flash_size, baud=baud,
+            ) as device:
+                result = work(st, device, lambda text: table.update(name, text))
+            table.update(name, result.result)
+            return result
+        except Error as e:
+            table.update(name, f"FAILED: {e.diagnostics()}")
+            return e
+
+    if len(specs) == 1:
+        results = [one(specs[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(specs), 16)) as pool:
+            results = list(pool.map(one, specs))
+    if manifest is not None:
+        rows = []
+        for spec, r in zip(specs, results, strict=True):
+            if isinstance(r, Error):
+                rows.append({"time": "", "mac": "", "chip": chip, "revision": "", "fe_kcv": "",
+                             "sb_kcv": "", "images": [], "result": "failed",
+                             "error": r.diagnostics(), "seconds": 0, "device": spec["name"]})
+            else:
+                rows.append(r.manifest_row())
+        _write_manifest(manifest, rows)
+    return results
+
+
+def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any],
+                    verb: str) -> None:
+    failures = [(s, r) for s, r in zip(specs, results, strict=True) if isinstance(r, Error)]
+    data = []
+    for s, r in zip(specs, results, strict=True):
+        if isinstance(r, Error):
+            data.append({"device": s["name"], "result": "failed", "error": r.diagnostics(),
+                         "exit_code": r.exit_code})
+        else:
+            data.append({"device": s["name"], **{k: v for k, v in r.__dict__.items()}})
+
+    def human() -> None:
+        for _s, r in zip(specs, results, strict=True):
+            if isinstance(r, Error):
+                continue
+            if r.result == "planned":
+                typer.echo(json.dumps(r.plan, indent=2))
+                continue
+            extra = f", burned {len(r.burned)} eFuse(s)" if getattr(r, "burned", None) else ""
+            typer.echo(f"{r.mac} {r.chip} {r.revision}: {r.result} (fe kcv {r.fe_kcv}"
+                       f"{extra}, {r.seconds:.1f}s)")
+
+    c.emit(data, human)
+    if failures:
+        spec, err = failures[0]
+        if len(specs) > 1:
+            raise type(err)(f"{len(failures)} of {len(specs)} device(s) failed; first: "
+                            f"{spec['name']}: {err.diagnostics()}")
+        raise err
+
+
+@app.command("provision")
+def provision_cmd(
+    ctx: typer.Context,
+    chip: ChipOpt,
+    port: PortOpt = None,
+    virtual_efuses: VEfuseOpt = None,
+    virtual_flash: VFlashOpt = None,
+    image: ImageOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch "
+                                          "nothing.")] = False,
+    manifest: ManifestOpt = None,
+    baud: BaudOpt = 460800,
+) -> None:
+    """Turn blank chips into locked devices: per-device keys burned, Secure Boot enabled,
+    images encrypted for each device, debug and download paths closed as the policy says.
+
+    Needs --policy. Safe to re-run: an interrupted device is finished, a finished one is
+    reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
+    """
+    from hsmflash.provision import provisioner_for
+
+    c = ctx_of(ctx)
+    if not c.policy.chips:
+        raise UsageError("provision needs --policy FILE with a [chips] profile")
+    c.policy.profile(chip)
+    specs = _device_specs(port, virtual_efuses, virtual_flash)
+    images = _images_for(c, chip, image)
+    # refuse bad images, unsigned images and policy problems before any device is touched
+    with c.station() as st:
+        provisioner_for(st, chip, images)
+
+    def work(st: Station, device: Any, progress: Callable[[str], None]) -> Any:
+        return provisioner_for(st, chip, images, progress).provision(device, dry_run=dry_run)
+
+    results = _run_devices(c, chip, specs, baud, work, manifest)
+    _finish_devices(c, specs, results, "provision")
+
+
+# per-device credentials live in their own module; registered here, at the edge
+from hsmflash._cli_credentials import credentials_app  # noqa: E402
+
+app.add_typer(credentials_app, name="credentials")

@@ -451,8 +451,12 @@ class SerialDevice(Device):
             self._esp._port.close()
 
 
-def open_serial(port: str, chip: str = "auto", baud: int = 115200) -> SerialDevice:
-    """Connect to a chip in download mode on `port` and load the flasher stub.
+def open_serial(port: str, chip: str = "auto", baud: int = 115200,
+                stub: bool = False) -> SerialDevice:
+    """Connect to a chip in download mode on `port` (ROM loader; the flasher stub with `stub`).
+
+    The ROM loader is the default: it is what a chip in secure download mode offers, and
+    hsmflash only writes, checks MD5s and reads eFuses, which the ROM does.
 
     Raises:
         InputError: `chip` is unknown.
@@ -469,8 +473,8 @@ def open_serial(port: str, chip: str = "auto", baud: int = 115200) -> SerialDevi
         found = get_chip(str(esp.CHIP_NAME))
         if expected is not None and found != expected:
             raise DeviceError(f"port {port}: found {found.name}, expected {expected.name}")
-        with espressif_call(f"starting the flasher stub on {port}"):
-            if not esp.secure_download_mode:
+        with espressif_call(f"attaching the flash on {port}"):
+            if stub and not esp.secure_download_mode:
                 esp = run_stub(esp)
             attach_flash(esp)
         with espressif_call(f"reading eFuses on {port}"):

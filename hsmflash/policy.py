@@ -59,6 +59,21 @@ class ExportRules:
     efuse_burn: bool = False
     esp32_classic_transient: bool = False
     decrypt: bool = False
+    device_secrets: bool = False
+
+
+@dataclass(frozen=True)
+class CredentialRules:
+    """Per-device server credentials (issue/check/revoke) and where provisioning puts them."""
+
+    master: str = "cred-master"
+    revocation_key: str = "revocation"
+    server_url: str = ""
+    username_template: str = "{device_id}"
+    namespace: str = "hsmflash"
+    nvs_address: int | None = None
+    nvs_size: int = 0x6000
+    nvs_keys_address: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Policy:
     audit_key: str = "audit"
     limits: Limits = field(default_factory=Limits)
     description: str = ""
+    credentials: CredentialRules | None = None
 
     # -- enforcement -----------------------------------------------------------------
     def profile(self, chip: str) -> ChipProfile:
@@ -129,6 +145,9 @@ class Policy:
                 "efuse_burn": "burning it into the chip's eFuses",
                 "esp32_classic_transient": (
                     "ESP32-classic flash encryption on a token without CKM_XOR_BASE_AND_DATA"
+                ),
+                "device_secrets": (
+                    "writing a device's credential and NVS keys into its NVS partitions"
                 ),
             }.get(purpose, purpose)
             raise PolicyRefused(
@@ -271,8 +290,35 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         efuse_burn=ex.get("efuse_burn", bool, False),
         esp32_classic_transient=ex.get("esp32_classic_transient", bool, False),
         decrypt=ex.get("decrypt", bool, False),
+        device_secrets=ex.get("device_secrets", bool, False),
     )
     ex.done()
+    credentials = None
+    cred_raw = top.get("credentials", dict, None)
+    if cred_raw is not None:
+        cr = _Fields(cred_raw, "credentials", source)
+        master = cr.get("master", str, "cred-master")
+        _need_key(cr, "master", master, keys, ("aes-256",), "derive")
+        rkey = cr.get("revocation_key", str, "revocation")
+        _need_key(cr, "revocation_key", rkey, keys, ("ec-p256",), "sign")
+        namespace = cr.get("namespace", str, "hsmflash")
+        if not 1 <= len(namespace) <= 15:
+            raise cr.error("namespace", "must be 1 to 15 characters (an NVS namespace)")
+        nvs_address = cr.get("nvs_address", int, None)
+        nvs_keys_address = cr.get("nvs_keys_address", int, None)
+        nvs_size = cr.get("nvs_size", int, 0x6000)
+        for fname, value in (("nvs_address", nvs_address), ("nvs_keys_address",
+                                                             nvs_keys_address)):
+            if value is not None and value % 0x1000:
+                raise cr.error(fname, f"{value:#x} is not 4 KiB aligned")
+        if nvs_size < 0x3000 or nvs_size % 0x1000:
+            raise cr.error("nvs_size", "must be a multiple of 4 KiB, at least 0x3000")
+        credentials = CredentialRules(
+            master, rkey, cr.get("server_url", str, ""),
+            cr.get("username_template", str, "{device_id}"), namespace, nvs_address, nvs_size,
+            nvs_keys_address)
+        cr.done()
+
     lim = _Fields(top.get("limits", dict, {}), "limits", source)
     limits = Limits(max_devices_per_batch=lim.get("max_devices_per_batch", int, 100_000))
     if limits.max_devices_per_batch < 1:
@@ -287,7 +333,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 "into eFuses, which needs efuse_burn = true"
             )
     return Policy(name, source, token_label, token_module, keys, chips, export, audit_key,
-                  limits, description)
+                  limits, description, credentials)
 
 
 def _need_key(f: _Fields, field_name: str, key: str, keys: dict[str, KeySpec],

@@ -1,0 +1,221 @@
+"""`hsmflash credentials ...`: issue, check and revoke per-device server credentials.
+
+Registered by `_cli` with `app.add_typer(credentials_app, name="credentials")`. `_cli` is imported
+lazily inside the commands so either module may be imported first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from hsmflash._cli import Context
+    from hsmflash.credentials import CredentialSettings
+
+credentials_app = typer.Typer(
+    help="Per-device server credentials: derived in the token, written to the device's "
+         "encrypted NVS, checked by re-derivation, revoked through a signed list.",
+    no_args_is_help=True,
+)
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device base MAC aa:bb:cc:dd:ee:ff.")]
+MasterOpt = Annotated[str | None, typer.Option(
+    "--master", help="Credential master key (default: the policy's, else 'cred-master').")]
+RevKeyOpt = Annotated[str | None, typer.Option(
+    "--key", help="Revocation signing key, ec-p256 (default: the policy's, else 'revocation').")]
+
+
+def _context(ctx: typer.Context) -> Context:
+    from hsmflash._cli import ctx_of
+
+    return ctx_of(ctx)
+
+
+def _settings(c: Context, master: str | None = None, revocation_key: str | None = None,
+              server_url: str | None = None) -> CredentialSettings:
+    from dataclasses import replace
+
+    from hsmflash.credentials import CredentialSettings
+
+    s = CredentialSettings.from_policy(c.policy)
+    changes = {k: v for k, v in (("master", master), ("revocation_key", revocation_key),
+                                 ("server_url", server_url)) if v is not None}
+    return replace(s, **changes)
+
+
+@credentials_app.command("issue")
+def issue_cmd(
+    ctx: typer.Context,
+    device: DeviceOpt,
+    chip: Annotated[str, typer.Option("--chip", help="Chip family (a profile of the policy).")],
+    nvs_out: Annotated[Path | None, typer.Option(
+        "--nvs-out", help="NVS partition image (default: nvs-<device_id>.bin).")] = None,
+    nvs_keys_out: Annotated[Path | None, typer.Option(
+        "--nvs-keys-out", help="Encrypted nvs_keys partition (default: "
+        "nvs_keys-<device_id>.bin).")] = None,
+    nvs_address: Annotated[str, typer.Option(
+        "--nvs-address", help="NVS partition offset (recorded; NVS encryption is "
+        "position-independent).")] = "0x9000",
+    nvs_size: Annotated[str, typer.Option("--nvs-size", help="NVS partition size.")] = "0x6000",
+    nvs_keys_address: Annotated[str, typer.Option(
+        "--nvs-keys-address", help="nvs_keys partition offset: its flash-encryption "
+        "tweak.")] = "0xf000",
+    template: Annotated[Path | None, typer.Option(
+        "--template", help="NVS CSV (key,type,encoding,value) with {device_id} {mac} "
+        "{username} {secret} {server_url} placeholders.")] = None,
+    server_url: Annotated[str | None, typer.Option(
+        "--server-url", help="Server URL for the device (default: the policy's).")] = None,
+    master: MasterOpt = None,
+) -> None:
+    """Write a device's encrypted NVS partition (credential inside) and its nvs_keys partition.
+
+    The credential and NVS keys leave the token only into these images (audited with KCVs);
+    the nvs_keys image is encrypted with the device's flash-encryption key at its address.
+    """
+    from hsmflash.credentials import (
+        build_device_partitions,
+        check_nvs_size,
+        default_template,
+        device_id,
+        load_template,
+    )
+    from hsmflash.fileio import atomic_write, parse_int
+    from hsmflash.kdf import parse_mac
+
+    c = _context(ctx)
+    mac = parse_mac(device)
+    n_addr = parse_int(nvs_address, "--nvs-address")
+    size = parse_int(nvs_size, "--nvs-size")
+    k_addr = parse_int(nvs_keys_address, "--nvs-keys-address")
+    check_nvs_size(size)
+    settings = _settings(c, master=master, server_url=server_url)
+    tmpl = load_template(template) if template else default_template(settings)
+    nvs_path = nvs_out or Path(f"nvs-{device_id(mac)}.bin")
+    keys_path = nvs_keys_out or Path(f"nvs_keys-{device_id(mac)}.bin")
+    with c.station() as st:
+        parts = build_device_partitions(st, chip, mac, nvs_size=size, nvs_keys_address=k_addr,
+                                        nvs_address=n_addr, template=tmpl, settings=settings)
+    atomic_write(nvs_path, parts.nvs, mode=0o600)
+    try:
+        atomic_write(keys_path, parts.nvs_keys, mode=0o600)
+    except BaseException:
+        nvs_path.unlink(missing_ok=True)
+        raise
+    info = {**parts.info, "nvs_out": str(nvs_path), "nvs_keys_out": str(keys_path)}
+    c.emit(info, f"{info['device']}: credential kcv {info['credential_kcv']}, user "
+                 f"{info['username']}\n  {nvs_path} (NVS at {info['nvs_address']}, "
+                 f"{info['nvs_size']})\n  {keys_path} (nvs_keys at {info['nvs_keys_address']}, "
+                 f"{info['flash_encryption']})")
+
+
+@credentials_app.command("check")
+def check_cmd(
+    ctx: typer.Context,
+    device: DeviceOpt,
+    secret_file: Annotated[Path, typer.Option(
+        "--secret-file", help="The secret the device presented (64 hex digits).")],
+    revocations: Annotated[Path | None, typer.Option(
+        "--revocations", help="Signed revocation list: a revoked device fails.")] = None,
+    pubkey: Annotated[Path | None, typer.Option(
+        "--pubkey", help="PEM key the list must verify with (default: the token's "
+        "revocation key).")] = None,
+    min_sequence: Annotated[int | None, typer.Option(
+        "--min-sequence", help="Refuse a revocation list older than this sequence.")] = None,
+    master: MasterOpt = None,
+    key: RevKeyOpt = None,
+) -> None:
+    """Check a presented secret by re-deriving it in the token (exit 0 valid, 6 not)."""
+    from hsmflash.credentials import (
+        load_public_key,
+        load_revocation_list,
+        parse_secret,
+        verify_credential,
+    )
+    from hsmflash.errors import UsageError
+    from hsmflash.fileio import read_input
+    from hsmflash.kdf import format_mac, parse_mac
+    from hsmflash.keyuse import wipe
+
+    c = _context(ctx)
+    mac = parse_mac(device)
+    if pubkey is not None and revocations is None:
+        raise UsageError("--pubkey verifies a --revocations list; give the list too")
+    settings = _settings(c, master=master, revocation_key=key)
+    lst = load_revocation_list(revocations) if revocations else None
+    pub = load_public_key(pubkey) if pubkey else None
+    secret = parse_secret(read_input(secret_file, "secret file"), str(secret_file))
+    try:
+        with c.station() as st:
+            if lst is not None:
+                lst.verify(pub or st.key(settings.revocation_key).public_key(),
+                           min_sequence=min_sequence)
+            verify_credential(st, mac, secret, revocations=lst, settings=settings)
+    finally:
+        wipe(secret)
+    c.emit({"device": format_mac(mac), "valid": True},
+           f"{format_mac(mac)}: credential valid")
+
+
+@credentials_app.command("revoke")
+def revoke_cmd(
+    ctx: typer.Context,
+    device: Annotated[str, typer.Argument(help="Device base MAC aa:bb:cc:dd:ee:ff.")],
+    list_file: Annotated[Path, typer.Option(
+        "--list", help="Revocation list file (created if missing).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (one line).")] = "",
+    key: RevKeyOpt = None,
+) -> None:
+    """Add a device to the revocation list, signed in the token; its credential stops working."""
+    from hsmflash.credentials import revoke
+    from hsmflash.kdf import format_mac, parse_mac
+
+    c = _context(ctx)
+    mac = parse_mac(device)
+    settings = _settings(c, revocation_key=key)
+    with c.station() as st:
+        lst = revoke(st, list_file, mac, reason=reason, settings=settings)
+    c.emit({"device": format_mac(mac), "list": str(list_file), "sequence": lst.sequence,
+            "revoked_count": len(lst.revoked)},
+           f"revoked {format_mac(mac)}: {list_file} sequence {lst.sequence}, "
+           f"{len(lst.revoked)} device(s) revoked")
+
+
+@credentials_app.command("revoked")
+def revoked_cmd(
+    ctx: typer.Context,
+    list_file: Annotated[Path, typer.Option("--list", help="Revocation list file.")],
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Verify the signature (needs --pubkey; no token).")] = False,
+    pubkey: Annotated[Path | None, typer.Option(
+        "--pubkey", help="The revocation key's PEM (`hsmflash keys public`).")] = None,
+    min_sequence: Annotated[int | None, typer.Option(
+        "--min-sequence", help="Refuse a list older than this sequence.")] = None,
+) -> None:
+    """Show the revoked devices; with --verify, exit 6 unless the list is intact and signed."""
+    from hsmflash.credentials import load_public_key, load_revocation_list
+    from hsmflash.errors import UsageError
+
+    c = _context(ctx)
+    if verify and pubkey is None:
+        raise UsageError("--verify needs --pubkey PEM")
+    if not verify and (pubkey is not None or min_sequence is not None):
+        raise UsageError("--pubkey and --min-sequence apply with --verify")
+    lst = load_revocation_list(list_file)
+    if verify:
+        assert pubkey is not None  # noqa: S101 - checked above
+        lst.verify(load_public_key(pubkey), min_sequence=min_sequence)
+    data = {"list": str(list_file), "verified": verify, "sequence": lst.sequence,
+            "issued": lst.doc["issued"], "signer": lst.signer_fingerprint,
+            "revoked": lst.revoked}
+
+    def human() -> None:
+        state = "verified" if verify else "NOT verified (use --verify --pubkey PEM)"
+        typer.echo(f"{list_file}: sequence {lst.sequence}, issued {lst.doc['issued']}, {state}")
+        for e in lst.revoked:
+            why = f"  {e.get('reason')}" if e.get("reason") else ""
+            typer.echo(f"  {e['device']}  {e.get('revoked_at')}{why}")
+
+    c.emit(data, human)

@@ -1,0 +1,668 @@
+"""Per-device server credentials: derived in the token, stored in encrypted NVS, revocable.
+
+**Secret.** A device's credential secret is the `aes-ecb-v1` key for purpose `CREDENTIAL`
+(32 bytes) derived from the policy's credential master and the device's base MAC (kdf.py). The
+device presents it as 64 lowercase hex digits. The server keeps no credential database: it
+checks a presented secret by re-deriving the device's key in the token and comparing
+`AES-ECB_K(nonce)` computed in the token with the same block computed under the presented secret
+(random 16-byte nonce, constant-time comparison), so the secret never leaves the token to be
+checked. It leaves the token only to be written to the device (an audited export with its KCV).
+
+**Storage.** The secret goes into an ESP-IDF NVS partition made by esp-idf-nvs-partition-gen,
+encrypted (XTS-AES-256, as NVS does) with the device's NVS keys: purpose `NVS_KEYS` (64 bytes,
+eky || tky) from the same master. The NVS keys go into the 4 KiB `nvs_keys` partition
+(eky 32 | tky 32 | CRC32 | 0xFF...), which is itself encrypted with the device's
+flash-encryption key at its flash address (`perdevice.crypt_image`: the chip's own scheme and
+path under the policy).
+
+**Revocation.** A JSON list signed (ECDSA P-256, raw r||s in hex) by a token key over the
+canonical JSON of everything but `signature`; its `sequence` grows with every change so a
+consumer can refuse an older list.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
+
+from hsmflash import kdf
+from hsmflash.chips import get_chip
+from hsmflash.errors import InputError, TokenError, VerificationFailed
+from hsmflash.fileio import atomic_write, read_input
+from hsmflash.flashcrypt import SoftwareAes
+from hsmflash.keys import TokenKey, fingerprint
+from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.perdevice import crypt_image
+from hsmflash.policy import Policy
+from hsmflash.primitives import PublicKey
+
+CREDENTIAL_PURPOSE = "CREDENTIAL"
+NVS_KEYS_PURPOSE = "NVS_KEYS"
+SECRET_BYTES = kdf.PURPOSES[CREDENTIAL_PURPOSE]
+NVS_KEYS_BYTES = kdf.PURPOSES[NVS_KEYS_PURPOSE]
+NVS_PAGE = 0x1000
+NVS_KEYS_PARTITION_SIZE = 0x1000
+NVS_MIN_SIZE = 0x3000  # ESP-IDF: read/write NVS needs 3 pages (one is kept free)
+NVS_MAX_KEY = 15  # NVS key and namespace names: at most 15 characters
+
+PLACEHOLDERS = ("{device_id}", "{mac}", "{username}", "{secret}", "{server_url}")
+_ENCODINGS_VARLEN = ("string", "hex2bin", "base64", "binary")
+_ENCODINGS_INT = {
+    "u8": (0, 2**8 - 1), "i8": (-(2**7), 2**7 - 1),
+    "u16": (0, 2**16 - 1), "i16": (-(2**15), 2**15 - 1),
+    "u32": (0, 2**32 - 1), "i32": (-(2**31), 2**31 - 1),
+    "u64": (0, 2**64 - 1), "i64": (-(2**63), 2**63 - 1),
+}
+_CSV_HEADER = ["key", "type", "encoding", "value"]
+
+LIST_VERSION = 1
+SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
+_P256_HALF = 32
+
+
+@dataclass(frozen=True)
+class CredentialSettings:
+    """Where credentials come from and what the device's NVS holds besides the secret.
+
+    Read from the policy's `[credentials]` table where the policy has one; the defaults are the
+    key names of policies/dev.toml.
+    """
+
+    master: str = "cred-master"
+    revocation_key: str = "revocation"
+    server_url: str = ""
+    username_template: str = "{device_id}"
+    namespace: str = "hsmflash"
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> CredentialSettings:
+        """The policy's `[credentials]` values over the defaults."""
+        section = getattr(policy, "credentials", None)
+        if section is None:
+            return cls()
+        return cls(**{name: getattr(section, name) for name in cls.__dataclass_fields__
+                      if getattr(section, name, None) is not None})
+
+
+def device_id(device: bytes) -> str:
+    """The device id written to NVS and used in usernames: the base MAC as 12 hex digits."""
+    return device.hex()
+
+
+def username_for(settings: CredentialSettings, device: bytes) -> str:
+    return (settings.username_template.replace("{device_id}", device_id(device))
+            .replace("{mac}", kdf.format_mac(device)))
+
+
+# -- NVS template ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NvsRow:
+    """One row of an NVS partition CSV (the NVS tool's format: key,type,encoding,value)."""
+
+    key: str
+    type: str
+    encoding: str = ""
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class NvsTemplate:
+    """NVS rows whose values may hold placeholders, filled in per device.
+
+    Placeholders: {device_id} (12 hex digits), {mac} (aa:bb:..), {username}, {secret} (the
+    credential as 64 hex digits), {server_url}.
+    """
+
+    rows: tuple[NvsRow, ...]
+    source: str = "default template"
+
+    def render(self, values: dict[str, str]) -> list[NvsRow]:
+        def fill(text: str) -> str:
+            for name, value in values.items():
+                text = text.replace("{" + name + "}", value)
+            return text
+
+        return [NvsRow(r.key, r.type, r.encoding, fill(r.value)) for r in self.rows]
+
+
+def default_template(settings: CredentialSettings) -> NvsTemplate:
+    """namespace `settings.namespace`: device_id, username, password (the secret), server_url."""
+    rows = [
+        NvsRow(settings.namespace, "namespace"),
+        NvsRow("device_id", "data", "string", "{device_id}"),
+        NvsRow("username", "data", "string", "{username}"),
+        NvsRow("password", "data", "string", "{secret}"),
+    ]
+    if settings.server_url:
+        rows.append(NvsRow("server_url", "data", "string", "{server_url}"))
+    return NvsTemplate(tuple(rows))
+
+
+def parse_template(text: str, source: str) -> NvsTemplate:
+    """Parse an NVS CSV template (header `key,type,encoding,value`; `#` comments).
+
+    Only `namespace` and `data` rows: a credentials template carries values, not file paths.
+
+    Raises:
+        InputError: a malformed row (named by line), no namespace first, or no {secret}.
+    """
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise InputError(f"CSV template {source}: empty")
+    rows: list[NvsRow] = []
+    reader = csv.reader([line for _, line in lines])
+    try:
+        parsed = list(reader)
+    except csv.Error as e:
+        raise InputError(f"CSV template {source}: {e}") from None
+    header = [h.strip().lower() for h in parsed[0]]
+    if header != _CSV_HEADER:
+        raise InputError(f"CSV template {source}: line {lines[0][0]}: header must be "
+                         f"{','.join(_CSV_HEADER)}, not {','.join(parsed[0])!r}")
+    for (lineno, _), fields in zip(lines[1:], parsed[1:], strict=True):
+        where = f"CSV template {source}: line {lineno}"
+        if len(fields) != len(_CSV_HEADER):
+            raise InputError(f"{where}: {len(fields)} fields, expected 4 "
+                             "(key,type,encoding,value)")
+        key, kind, encoding, value = (f.strip() for f in fields)
+        _check_row(where, key, kind, encoding, value, first=not rows)
+        rows.append(NvsRow(key, kind, encoding.lower(), value))
+    if not any("{secret}" in r.value for r in rows):
+        raise InputError(f"CSV template {source}: no value holds {{secret}}: the device would "
+                         "get no credential")
+    return NvsTemplate(tuple(rows), source)
+
+
+def load_template(path: str | Path) -> NvsTemplate:
+    """Read and parse an NVS CSV template file (see `parse_template`).
+
+    Raises:
+        InputError: unreadable, not UTF-8, or malformed.
+    """
+    raw = read_input(path, "CSV template")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"CSV template {str(path)!r} is not UTF-8 text") from None
+    return parse_template(text, str(path))
+
+
+def _check_row(where: str, key: str, kind: str, encoding: str, value: str, *,
+               first: bool) -> None:
+    if not key:
+        raise InputError(f"{where}: empty key")
+    if len(key) > NVS_MAX_KEY:
+        raise InputError(f"{where}: key {key!r} is longer than {NVS_MAX_KEY} characters")
+    if kind == "namespace":
+        if encoding or value:
+            raise InputError(f"{where}: a namespace row has no encoding or value")
+        return
+    if kind == "file":
+        raise InputError(f"{where}: 'file' rows are not allowed in a credentials template")
+    if kind != "data":
+        raise InputError(f"{where}: type {kind!r} is not 'namespace' or 'data'")
+    if first:
+        raise InputError(f"{where}: the first entry must be a namespace row")
+    enc = encoding.lower()
+    if enc in _ENCODINGS_INT:
+        try:
+            number = int(value, 0)
+        except ValueError:
+            raise InputError(f"{where}: {key}: {value!r} is not an integer") from None
+        low, high = _ENCODINGS_INT[enc]
+        if not low <= number <= high:
+            raise InputError(f"{where}: {key}: {value} is out of range for {enc}")
+    elif enc not in _ENCODINGS_VARLEN:
+        raise InputError(f"{where}: {key}: unknown encoding {encoding!r} (one of: "
+                         f"{', '.join([*_ENCODINGS_INT, *_ENCODINGS_VARLEN])})")
+    elif enc == "hex2bin" and "{" not in value and (
+            len(value) % 2 or not re.fullmatch(r"[0-9a-fA-F]*", value)):
+        raise InputError(f"{where}: {key}: hex2bin value is not an even number of hex digits")
+
+
+# -- NVS partitions ---------------------------------------------------------------------------
+
+def check_nvs_size(size: int) -> None:
+    """Raises InputError unless `size` is a whole number of 4 KiB pages, at least 0x3000."""
+    if size % NVS_PAGE or size < NVS_MIN_SIZE:
+        raise InputError(f"NVS size {size:#x} must be a multiple of 0x1000 and at least "
+                         f"{NVS_MIN_SIZE:#x}")
+
+
+def build_nvs(rows: Sequence[NvsRow], nvs_keys: bytes | bytearray, size: int) -> bytes:
+    """An encrypted NVS partition image of `size` bytes, made by esp-idf-nvs-partition-gen.
+
+    `nvs_keys` is eky || tky (64 bytes). One page is left free, as the NVS tool and ESP-IDF do.
+
+    Raises:
+        InputError: bad size, or the entries do not fit / are rejected by the NVS tool.
+    """
+    check_nvs_size(size)
+    if len(nvs_keys) != NVS_KEYS_BYTES:
+        raise InputError(f"NVS keys must be {NVS_KEYS_BYTES} bytes")
+    out = io.BytesIO()
+    nvs = nvsgen.nvs_open(out, size - NVS_PAGE, nvsgen.Page.VERSION2, is_encrypt=True,
+                          key=nvs_keys)
+    try:
+        for row in rows:
+            if row.type == "namespace":
+                nvsgen.write_entry(nvs, row.key, "namespace", "", "")
+            else:
+                nvsgen.write_entry(nvs, row.key, "data", row.encoding, row.value)
+        nvsgen.nvs_close(nvs)
+    except (nvsgen.InsufficientSizeError, nvsgen.PageFullError):
+        raise InputError(f"NVS entries do not fit a {size:#x}-byte partition") from None
+    except nvsgen.InputError as e:
+        # the tool's messages name keys and encodings, never values
+        raise InputError(f"the NVS tool refused an entry: {str(e).splitlines()[0]}") from None
+    finally:
+        nvs.encr_key = None
+    return out.getvalue()
+
+
+def nvs_keys_partition(nvs_keys: bytes | bytearray) -> bytearray:
+    """The 4 KiB `nvs_keys` partition: eky | tky | CRC32 (zlib, init 0xFFFFFFFF, LE) | 0xFF...
+
+    The layout `nvs_partition_gen.generate_key` writes and ESP-IDF's nvs_flash_read_security_cfg
+    reads. The caller wipes the returned buffer.
+
+    Raises:
+        InputError: `nvs_keys` is not 64 bytes.
+    """
+    if len(nvs_keys) != NVS_KEYS_BYTES:
+        raise InputError(f"NVS keys must be {NVS_KEYS_BYTES} bytes")
+    buf = bytearray(b"\xff") * NVS_KEYS_PARTITION_SIZE
+    buf[:NVS_KEYS_BYTES] = nvs_keys
+    struct.pack_into("<I", buf, NVS_KEYS_BYTES,
+                     zlib.crc32(bytes(buf[:NVS_KEYS_BYTES]), 0xFFFFFFFF) & 0xFFFFFFFF)
+    return buf
+
+
+@dataclass
+class DevicePartitions:
+    """What `build_device_partitions` returns: two images to flash, and public facts."""
+
+    nvs: bytes = field(repr=False)
+    nvs_keys: bytes = field(repr=False)  # encrypted with the device's flash-encryption key
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_device_export(policy: Policy) -> None:
+    # `device_secrets` once the policy declares it; until then the rule that already lets
+    # per-device keys go into the chip
+    rule = "device_secrets" if hasattr(policy.export, "device_secrets") else "efuse_burn"
+    policy.check_export(rule)
+
+
+def _master(st: Station, name: str) -> TokenKey:
+    key = st.key(name)
+    if key.type != "aes-256" or "derive" not in key.usage:
+        raise TokenError(f"credential master {name!r} must be an aes-256 key with usage derive "
+                         f"(it is {key.type}, usage {', '.join(key.usage) or 'none'})")
+    return key
+
+
+def build_device_partitions(
+    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
+    nvs_address: int | None = None, template: NvsTemplate | None = None,
+    settings: CredentialSettings | None = None,
+) -> DevicePartitions:
+    """Issue a device's credential: its encrypted NVS partition and encrypted `nvs_keys`.
+
+    The credential and NVS keys are derived in the token, exported to memory only to build the
+    partitions (audited as `credential.issue` with their KCVs, allowed by the policy's export
+    rules) and wiped; the `nvs_keys` partition is then encrypted like any image for the device
+    (`encrypt` audit record, the chip's scheme from the policy).
+
+    Raises:
+        InputError: bad MAC, size, address or template; an unknown chip.
+        PolicyRefused: the policy has no profile for `chip` or forbids the export.
+        TokenError: missing keys, usages or mechanisms.
+    """
+    settings = settings or CredentialSettings.from_policy(st.policy)
+    template = template or default_template(settings)
+    kdf.check_device_id(device)
+    the_chip = get_chip(chip)
+    check_nvs_size(nvs_size)
+    if nvs_keys_address % NVS_PAGE:
+        raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
+    if nvs_address is not None and nvs_address % NVS_PAGE:
+        raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
+    profile = st.policy.profile(chip)
+    _check_device_export(st.policy)
+    mac = kdf.format_mac(device)
+    username = username_for(settings, device)
+    values = {"device_id": device_id(device), "mac": mac, "username": username,
+              "server_url": settings.server_url}
+    # Everything the device's entries can get wrong is found before a key is touched.
+    # (a dummy key: XTS refuses equal halves)
+    build_nvs(template.render({**values, "secret": "0" * 2 * SECRET_BYTES}),
+              bytes(range(NVS_KEYS_BYTES)), nvs_size)
+    master = _master(st, settings.master)
+    fe_master = st.key(profile.derive_master)
+
+    detail = {"chip": chip, "nvs_size": f"{nvs_size:#x}",
+              "nvs_keys_address": f"{nvs_keys_address:#x}", "template": template.source,
+              "scheme": kdf.SCHEME}
+    if nvs_address is not None:
+        detail["nvs_address"] = f"{nvs_address:#x}"
+    keys_plain = bytearray()
+    with st.use("credential.issue", master, subject={"device": mac}, detail=detail,
+                check=lambda: _check_device_export(st.policy)) as outcome:
+        derived: list[DerivedKey] = []
+        secret = nvs_keys = bytearray()
+        try:
+            derived.append(st.derive(master, device, CREDENTIAL_PURPOSE, exportable=True))
+            derived.append(st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True))
+            cred_kcv, nvs_keys_kcv = derived[0].kcv, derived[1].kcv
+            secret = st.export(derived[0], "the device's NVS partition")
+            nvs_keys = st.export(derived[1], "the device's nvs_keys partition")
+            outcome["exported"] = {"credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
+                                   "why": "device NVS partitions"}
+            nvs = build_nvs(template.render({**values, "secret": secret.hex()}), nvs_keys,
+                            nvs_size)
+            keys_plain = nvs_keys_partition(nvs_keys)
+        finally:
+            wipe(secret)
+            wipe(nvs_keys)
+            for d in derived:
+                d.destroy()
+        outcome["nvs_sha256"] = hashlib.sha256(nvs).hexdigest()
+    try:
+        enc = crypt_image(st, bytes(keys_plain), the_chip, nvs_keys_address, master=fe_master,
+                          device=device, name="nvs_keys partition")
+    finally:
+        wipe(keys_plain)
+    info = {
+        "device": mac, "device_id": device_id(device), "username": username, "chip": chip,
+        "credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
+        "nvs_size": f"{nvs_size:#x}", "nvs_sha256": hashlib.sha256(nvs).hexdigest(),
+        "nvs_keys_address": f"{nvs_keys_address:#x}", "nvs_keys_sha256": enc.output_sha256,
+        "flash_encryption": enc.scheme, "flash_key_kcv": enc.kcv, "path": enc.path,
+    }
+    if nvs_address is not None:
+        info["nvs_address"] = f"{nvs_address:#x}"
+    return DevicePartitions(nvs, enc.output, info)
+
+
+# -- checking a presented secret -----------------------------------------------------------------
+
+def parse_secret(data: bytes, source: str) -> bytearray:
+    """A presented secret: 64 hex digits (surrounding whitespace ignored) or 32 raw bytes.
+
+    Raises:
+        InputError: anything else (the message never quotes the content).
+    """
+    text = data.strip()
+    if len(text) == 2 * SECRET_BYTES and re.fullmatch(rb"[0-9a-fA-F]+", text):
+        return bytearray(bytes.fromhex(text.decode("ascii")))
+    if len(data) == SECRET_BYTES:
+        return bytearray(data)
+    raise InputError(f"secret {source}: expected {2 * SECRET_BYTES} hex digits or "
+                     f"{SECRET_BYTES} raw bytes")
+
+
+def verify_credential(st: Station, device: bytes, secret: bytes | bytearray, *,
+                      revocations: RevocationList | None = None,
+                      settings: CredentialSettings | None = None) -> None:
+    """Check a device's presented secret against the token (audited as `credential.check`).
+
+    Returns when the secret is the device's and the device is not in `revocations` (a list the
+    caller has verified).
+
+    Raises:
+        VerificationFailed: wrong secret for this device, or the device is revoked.
+        InputError: bad MAC or secret length. TokenError: missing master or mechanism.
+    """
+    settings = settings or CredentialSettings.from_policy(st.policy)
+    kdf.check_device_id(device)
+    if len(secret) != SECRET_BYTES:
+        raise InputError(f"a credential secret is {SECRET_BYTES} bytes")
+    mac = kdf.format_mac(device)
+    master = _master(st, settings.master)
+    entry = revocations.entry(device) if revocations is not None else None
+    detail: dict[str, Any] = {"scheme": kdf.SCHEME}
+    if revocations is not None:
+        detail["revocation_list"] = {"sequence": revocations.sequence,
+                                     "signer": revocations.signer_fingerprint}
+    with st.use("credential.check", master, subject={"device": mac}, detail=detail) as outcome:
+        if entry is not None:
+            outcome["result"] = "revoked"
+        else:
+            derived = st.derive(master, device, CREDENTIAL_PURPOSE)
+            try:
+                nonce = os.urandom(16)
+                in_token = derived.ciphers()[0].encrypt_ecb(nonce)
+            finally:
+                derived.destroy()
+            presented = SoftwareAes(secret).encrypt_ecb(nonce)
+            outcome["result"] = "valid" if hmac.compare_digest(in_token, presented) else "invalid"
+    if entry is not None and revocations is not None:
+        raise VerificationFailed(f"device {mac} is revoked (list sequence "
+                                 f"{revocations.sequence}, since {entry.get('revoked_at')})")
+    if outcome["result"] != "valid":
+        raise VerificationFailed(f"the secret is not device {mac}'s credential")
+
+
+# -- revocation list ---------------------------------------------------------------------------
+
+def canonical_json(doc: dict[str, Any]) -> bytes:
+    """Sorted keys, no spaces, UTF-8: the bytes the list's signature covers."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """A parsed revocation list document (verify it before trusting it)."""
+
+    doc: dict[str, Any]
+    source: str
+
+    @property
+    def sequence(self) -> int:
+        return int(self.doc["sequence"])
+
+    @property
+    def signer_fingerprint(self) -> str:
+        return str(self.doc["signer"]["key_fp"])
+
+    @property
+    def revoked(self) -> list[dict[str, Any]]:
+        return list(self.doc["revoked"])
+
+    def entry(self, device: bytes) -> dict[str, Any] | None:
+        mac = kdf.format_mac(device)
+        return next((e for e in self.doc["revoked"] if e["device"] == mac), None)
+
+    def verify(self, public_key: PublicKey, *, min_sequence: int | None = None) -> None:
+        """Check the signer and signature (and that the list is not older than `min_sequence`).
+
+        Raises:
+            VerificationFailed: another signer, a bad signature, or an older list.
+        """
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+                not isinstance(public_key.curve, ec.SECP256R1):
+            raise VerificationFailed(f"revocation list {self.source}: the public key is not "
+                                     "EC P-256")
+        if self.signer_fingerprint != fingerprint(public_key):
+            raise VerificationFailed(f"revocation list {self.source} was signed by another key "
+                                     f"({self.signer_fingerprint[:23]}...)")
+        sig = self.doc["signature"]
+        raw = bytes.fromhex(sig["value"])
+        body = {k: v for k, v in self.doc.items() if k != "signature"}
+        try:
+            public_key.verify(
+                utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
+                                           int.from_bytes(raw[_P256_HALF:], "big")),
+                hashlib.sha256(canonical_json(body)).digest(),
+                ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        except InvalidSignature:
+            raise VerificationFailed(f"revocation list {self.source}: signature does not "
+                                     "verify (edited or not from this key)") from None
+        if min_sequence is not None and self.sequence < min_sequence:
+            raise VerificationFailed(f"revocation list {self.source} has sequence "
+                                     f"{self.sequence}, older than {min_sequence} (rolled back)")
+
+
+def parse_revocation_list(data: bytes, source: str) -> RevocationList:
+    """Parse a revocation list's structure (not its signature: see `RevocationList.verify`).
+
+    Raises:
+        VerificationFailed: not JSON, or not shaped like a signed revocation list.
+    """
+    def bad(why: str) -> VerificationFailed:
+        return VerificationFailed(f"revocation list {source} is not a valid signed list: {why}")
+
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("not JSON") from None
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    expected = {"version", "sequence", "issued", "revoked", "signer", "signature"}
+    if set(doc) != expected:
+        raise bad(f"fields {sorted(set(doc) ^ expected)} missing or unexpected")
+    if doc["version"] != LIST_VERSION:
+        raise bad(f"version {doc['version']!r} (expected {LIST_VERSION})")
+    if not isinstance(doc["sequence"], int) or isinstance(doc["sequence"], bool) \
+            or doc["sequence"] < 1:
+        raise bad("sequence is not a positive integer")
+    signer, sig, revoked = doc["signer"], doc["signature"], doc["revoked"]
+    if not isinstance(signer, dict) or not isinstance(signer.get("key_fp"), str):
+        raise bad("signer.key_fp missing")
+    if not isinstance(sig, dict) or sig.get("algorithm") != SIGNATURE_ALGORITHM or \
+            not isinstance(sig.get("value"), str) or \
+            not re.fullmatch(r"[0-9a-f]{128}", sig["value"]):
+        raise bad(f"signature is not {SIGNATURE_ALGORITHM} r||s hex")
+    if not isinstance(revoked, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("device"), str) for e in revoked):
+        raise bad("revoked is not a list of device entries")
+    return RevocationList(doc, source)
+
+
+def load_revocation_list(path: str | Path) -> RevocationList:
+    """Read and parse a revocation list file.
+
+    Raises:
+        InputError: missing or unreadable. VerificationFailed: malformed.
+    """
+    return parse_revocation_list(read_input(path, "revocation list"), str(path))
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > 200 or any(not ch.isprintable() for ch in reason):
+        raise InputError("revocation reason must be one printable line of at most 200 "
+                         "characters")
+
+
+def sign_list(body: dict[str, Any], sign_digest: Callable[[bytes], bytes]) -> dict[str, Any]:
+    """Add the signature over the canonical JSON of `body` (which names its signer)."""
+    raw = sign_digest(hashlib.sha256(canonical_json(body)).digest())
+    return {**body, "signature": {"algorithm": SIGNATURE_ALGORITHM, "value": raw.hex()}}
+
+
+def revoke(st: Station, list_path: str | Path, device: bytes, *, reason: str = "",
+           settings: CredentialSettings | None = None) -> RevocationList:
+    """Add a device to the signed revocation list at `list_path` (created if missing).
+
+    The existing list must verify with the token's revocation key; the new one gets the next
+    sequence number, is signed in the token (audited as `credential.revoke`) and replaces the
+    file atomically.
+
+    Raises:
+        InputError: bad MAC or reason, or the device is already revoked.
+        VerificationFailed: the existing list does not verify with the token's key.
+        TokenError: the revocation key is missing or not ec-p256 with sign.
+    """
+    settings = settings or CredentialSettings.from_policy(st.policy)
+    kdf.check_device_id(device)
+    _check_reason(reason)
+    mac = kdf.format_mac(device)
+    key = st.key(settings.revocation_key)
+    if key.type != "ec-p256" or "sign" not in key.usage:
+        raise TokenError(f"revocation key {key.name!r} must be ec-p256 with usage sign")
+    with _locked_dir(Path(list_path).parent):  # one read-modify-write at a time
+        return _revoke_locked(st, Path(list_path), device, mac, reason, key)
+
+
+@contextmanager
+def _locked_dir(directory: Path) -> Iterator[None]:
+    try:
+        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"revocation list directory {str(directory)!r}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _revoke_locked(st: Station, list_path: Path, device: bytes, mac: str, reason: str,
+                   key: TokenKey) -> RevocationList:
+    signer = st.signer(key)
+    key_fp = key.fingerprint()
+    revoked: list[dict[str, Any]] = []
+    sequence = 0
+    if list_path.exists():
+        current = load_revocation_list(list_path)
+        current.verify(key.public_key())
+        if (entry := current.entry(device)) is not None:
+            raise InputError(f"device {mac} is already revoked in {list_path} "
+                             f"(since {entry.get('revoked_at')})")
+        revoked, sequence = current.revoked, current.sequence
+    now = _now()
+    body = {
+        "version": LIST_VERSION, "sequence": sequence + 1, "issued": now,
+        "revoked": [*revoked, {"device": mac, "revoked_at": now, "reason": reason}],
+        "signer": {"key_fp": key_fp, "key": st.uri(key)},
+    }
+    with st.use("credential.revoke", key, subject={"device": mac},
+                detail={"reason": reason, "list": str(list_path),
+                        "sequence": sequence + 1}) as outcome:
+        doc = sign_list(body, signer.sign_digest)
+        new = RevocationList(doc, str(list_path))
+        new.verify(key.public_key())
+        atomic_write(list_path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+        outcome["revoked_count"] = len(new.revoked)
+    return new
+
+
+def load_public_key(path: str | Path) -> PublicKey:
+    """A PEM public key (as `hsmflash keys public` writes it).
+
+    Raises:
+        InputError: missing file, not a PEM public key, or not RSA/EC.
+    """
+    try:
+        key = serialization.load_pem_public_key(read_input(path, "public key"))
+    except ValueError:
+        raise InputError(f"public key {str(path)!r} is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InputError(f"public key {str(path)!r} is not an EC key")
+    return key

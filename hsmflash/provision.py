@@ -1,0 +1,699 @@
+"""Provisioning: one blank chip in, one locked, encrypted, signed device out.
+
+For each device: identify it (type, revision, base MAC) and check it against the policy's chip
+profile; read its eFuses; compute the whole plan (per-device keys, key blocks and purposes,
+Secure Boot digest or V1 key, images to encrypt and where, hardening eFuses in a safe order with
+download mode closed last); refuse anything that contradicts the policy before the first burn;
+then execute, read back and verify.
+
+Every step is idempotent, so a re-run after an interruption (power, cable, SIGKILL) finishes the
+job: keys are re-derived (aes-ecb-v1 is deterministic), burns skip what is in place, a flash
+region is rewritten only when its MD5 differs. A finished device is reported as such with
+nothing burned or written.
+
+Order of irreversible steps:
+  1. key blocks (flash-encryption key, Secure Boot V1 key or V2 digests), protected as the
+     profile says;
+  2. flash: images encrypted for this device and address (SBv1: the bootloader digest image);
+  3. read back: flash MD5s, key-block KCVs where readable;
+  4. enable: crypt counter, FLASH_CRYPT_CONFIG, Secure Boot enable, revocations, hardening;
+  5. last: the eFuses that close download mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from hsmflash import flashcrypt, kdf, signing
+from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip, get_chip
+from hsmflash.device import Device
+from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.hazmat import efuse as hz
+from hsmflash.images import ESP_IMAGE_MAGIC, inspect_image
+from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.perdevice import PURPOSE_FOR_SCHEME
+from hsmflash.policy import ChipProfile, Policy
+
+# eFuses that close download mode: always burned in the very last step.
+DOWNLOAD_MODE_FIELDS = ("ENABLE_SECURITY_DOWNLOAD", "DIS_DOWNLOAD_MODE", "UART_DOWNLOAD_DIS",
+                        "DIS_USB_SERIAL_JTAG_DOWNLOAD_MODE", "DIS_USB_OTG_DOWNLOAD_MODE")
+SECTOR = 0x1000
+SBV1_DIGEST_ADDRESS = 0x0
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One file to write at one flash address (plaintext, as the user gave it)."""
+
+    address: int
+    path: str
+    data: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def is_esp_image(self) -> bool:
+        return bool(self.data) and self.data[0] == ESP_IMAGE_MAGIC
+
+
+def parse_image_args(args: list[str], read: Callable[[str], bytes]) -> list[ImageSpec]:
+    """Parse `ADDR=FILE` arguments.
+
+    Raises:
+        InputError: malformed argument, unaligned address, unreadable file, overlaps.
+    """
+    specs = []
+    for arg in args:
+        addr_text, sep, path = arg.partition("=")
+        if not sep or not path:
+            raise InputError(f"--image {arg!r}: expected ADDR=FILE, e.g. 0x10000=app.bin")
+        try:
+            address = int(addr_text, 0)
+        except ValueError:
+            raise InputError(f"--image {arg!r}: address {addr_text!r} is not a number") from None
+        if address % SECTOR:
+            raise InputError(f"--image {arg!r}: address {address:#x} is not 4 KiB aligned")
+        data = read(path)
+        if not data:
+            raise InputError(f"image {path!r} is empty")
+        specs.append(ImageSpec(address, path, data))
+    specs.sort(key=lambda s: s.address)
+    for a, b in itertools.pairwise(specs):
+        if a.address + len(a.data) > b.address:
+            raise InputError(f"images {a.path!r} at {a.address:#x} and {b.path!r} at "
+                             f"{b.address:#x} overlap")
+    return specs
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class FlashWrite:
+    address: int
+    source: str
+    plaintext_sha256: str
+    length: int
+    ciphertext: bytes = field(repr=False, default=b"")
+    md5: str = ""
+    status: str = "pending"  # pending | write | in-place
+
+
+@dataclass
+class Plan:
+    """Everything provisioning will do to one device, computed before anything is touched."""
+
+    chip: str
+    revision: str
+    mac: str
+    policy: str
+    flash_encryption: str
+    fe_purpose: str
+    fe_blocks: list[tuple[str, str | None]]  # (block, purpose)
+    fe_kcv: str = ""
+    fe_state: str = "burn"  # burn | in-place | in-place-unverified
+    secure_boot: str = "none"
+    # (block, purpose, what)
+    sb_burns: list[tuple[str, str | None, str]] = field(default_factory=list)
+    sb_kcv: str = ""
+    read_protect_keys: bool = True
+    flash: list[FlashWrite] = field(default_factory=list)
+    enable_fields: dict[str, int] = field(default_factory=dict)
+    enable_write_protect: list[str] = field(default_factory=list)
+    final_fields: dict[str, int] = field(default_factory=dict)
+    done: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "chip": self.chip, "revision": self.revision, "mac": self.mac, "policy": self.policy,
+            "flash_encryption": self.flash_encryption, "fe_purpose": self.fe_purpose,
+            "fe_blocks": [{"block": b, "purpose": p} for b, p in self.fe_blocks],
+            "fe_kcv": self.fe_kcv, "fe_state": self.fe_state, "secure_boot": self.secure_boot,
+            "sb_blocks": [{"block": b, "purpose": p, "what": w} for b, p, w in self.sb_burns],
+            "read_protect_keys": self.read_protect_keys,
+            "flash": [{"address": f"{w.address:#x}", "source": w.source, "length": w.length,
+                       "plaintext_sha256": w.plaintext_sha256, "status": w.status}
+                      for w in self.flash],
+            "enable": self.enable_fields, "write_protect": self.enable_write_protect,
+            "last": self.final_fields, "already_provisioned": self.done,
+        }
+
+
+@dataclass
+class DeviceResult:
+    mac: str
+    chip: str
+    revision: str
+    result: str  # provisioned | already-provisioned | planned | failed
+    fe_kcv: str = ""
+    sb_kcv: str = ""
+    images: list[dict[str, str]] = field(default_factory=list)
+    burned: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_row(self) -> dict[str, Any]:
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mac": self.mac,
+                "chip": self.chip, "revision": self.revision, "fe_kcv": self.fe_kcv,
+                "sb_kcv": self.sb_kcv, "images": self.images, "result": self.result,
+                "error": self.error, "seconds": round(self.seconds, 3)}
+
+
+def _sw_kcv(key: bytes) -> str:
+    """KCV of key bytes read back from a readable eFuse block (already outside the token)."""
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - KCV definition
+    return (enc.update(bytes(16)) + enc.finalize())[:3].hex()
+
+
+def _halves(key: bytes, purpose: str) -> list[bytes]:
+    return [key[:len(key) // 2], key[len(key) // 2:]] if purpose.startswith("XTS") else [key]
+
+
+def _pad(data: bytes, unit: int) -> bytes:
+    return data + b"\xff" * (-len(data) % unit)
+
+
+def sbv1_iv(mac: bytes, bootloader: bytes) -> bytes:
+    """A deterministic 128-byte IV for the SBv1 digest, so a re-run writes the same bytes."""
+    seed = hashlib.sha512(b"hsmflash/sbv1-iv\x00" + mac + hashlib.sha256(bootloader).digest())
+    return seed.digest() + hashlib.sha512(seed.digest()).digest()
+
+
+class Provisioner:
+    """Provisions devices for one chip profile of one policy, keys through a Station."""
+
+    def __init__(self, st: Station, policy: Policy, chip: Chip, images: list[ImageSpec],
+                 progress: Progress | None = None) -> None:
+        self.st = st
+        self.policy = policy
+        self.chip = chip
+        self.profile: ChipProfile = policy.profile(chip.name)
+        self.images = images
+        self.progress = progress or (lambda _msg: None)
+        self.master = st.key(self.profile.derive_master)
+        self._check_static()
+
+    # -- checks that need no device ---------------------------------------------------------
+    def _check_static(self) -> None:
+        """Images, signatures and policy: refused before any device is touched."""
+        prof = self.profile
+        if prof.secure_boot is not None and prof.secure_boot.scheme == SBV2 and \
+                self.chip.is_esp32_classic:
+            raise PolicyRefused("provisioning ESP32 classic with Secure Boot V2 is not "
+                                "supported yet; use sbv1 for ESP32 rev0-1")
+        if not self.images:
+            raise InputError(f"no images to write: give --image ADDR=FILE or list them under "
+                             f"[chips.{self.chip.name}.images] in the policy")
+        self.sb_public = []
+        if prof.secure_boot is not None:
+            self.sb_public = [self.st.key(k).public_key() for k in prof.secure_boot.keys]
+        for img in self.images:
+            if img.address + len(img.data) > prof.flash_size:
+                raise InputError(f"image {img.path!r} at {img.address:#x} runs past the end of "
+                                 f"the {prof.flash_size // 1024} KiB flash")
+            if not img.is_esp_image:
+                continue  # partition table, NVS, data: encrypted, not signed
+            info = inspect_image(img.data, self.chip, img.path)
+            if prof.secure_boot is None:
+                continue
+            if self._is_sbv1_bootloader(img):
+                continue  # protected by the per-device digest instead of a signature
+            self._check_signed(img, info.kind)
+
+    def _is_sbv1_bootloader(self, img: ImageSpec) -> bool:
+        prof = self.profile
+        return (prof.secure_boot is not None and prof.secure_boot.scheme == SBV1
+                and img.address == self.chip.bootloader_address)
+
+    def _check_signed(self, img: ImageSpec, kind: str) -> None:
+        prof = self.profile
+        assert prof.secure_boot is not None  # noqa: S101 - caller checked
+        problems = []
+        for pub in self.sb_public:
+            try:
+                if prof.secure_boot.scheme == SBV2:
+                    signing.verify_sbv2(img.data, pub, img.path)
+                else:
+                    signing.verify_sbv1(img.data, pub, img.path)
+                return
+            except Exception as e:
+                problems.append(str(e))
+        raise PolicyRefused(
+            f"{kind} image {img.path!r} is not signed for Secure Boot "
+            f"{prof.secure_boot.scheme} by a key of policy {self.policy.name!r} "
+            f"({', '.join(prof.secure_boot.keys)}); sign it with `hsmflash sign`"
+        )
+
+    # -- identification ---------------------------------------------------------------------
+    def identify(self, device: Device) -> tuple[bytes, str]:
+        """Check the chip against the profile; return (mac, revision text).
+
+        Raises:
+            DeviceError: wrong chip, revision outside the profile, non-unique MAC.
+        """
+        if device.chip.name != self.chip.name:
+            raise DeviceError(f"device is {device.chip.name}, not {self.chip.name}")
+        ident = device.identify()
+        rev = ident.revision
+        if self.profile.revisions and rev.major not in self.profile.revisions:
+            raise DeviceError(f"{self.chip.name} {rev} is not covered by policy "
+                              f"{self.policy.name!r} (revisions {list(self.profile.revisions)})")
+        if self.profile.secure_boot and self.profile.secure_boot.scheme == SBV1 \
+                and rev.major >= 3 and not self.profile.revisions:
+            pass  # SBv1 still works on ECO3; V2 is better there, but the policy decides
+        try:
+            kdf.check_device_id(ident.mac)
+        except InputError as e:
+            raise DeviceError(str(e)) from None
+        return ident.mac, str(rev)
+
+    # -- planning ---------------------------------------------------------------------------
+    def _fe_blocks(self, scheme: str) -> list[tuple[str, str | None]]:
+        if self.chip.is_esp32_classic:
+            return [("BLOCK1", None)]
+        first = self.profile.key_block or "BLOCK_KEY0"
+        index = self.chip.key_blocks.index(first)
+        if scheme == XTS_AES_128:
+            return [(first, "XTS_AES_128_KEY")]
+        return [(first, "XTS_AES_256_KEY_1"), (self.chip.key_blocks[index + 1],
+                                               "XTS_AES_256_KEY_2")]
+
+    def plan(self, device: Device, mac: bytes, revision: str) -> Plan:
+        """Compute the plan and check the device against it; nothing is burned or written.
+
+        Raises:
+            DeviceError: the eFuses contradict the policy (another key, purpose, a locked
+                block, Secure Boot already enabled with other keys).
+        """
+        prof = self.profile
+        scheme = prof.flash_encryption
+        purpose = PURPOSE_FOR_SCHEME[scheme]
+        release = prof.release_mode
+        plan = Plan(self.chip.name, revision, kdf.format_mac(mac), self.policy.name, scheme,
+                    purpose, self._fe_blocks(scheme), read_protect_keys=not prof.readable_keys)
+        state = hz.read_state(device)
+        derived = self._derive(mac, purpose, "plan")
+        try:
+            plan.fe_kcv = derived.kcv
+            plan.fe_state = self._key_state(device, state, plan.fe_blocks, purpose, derived)
+            if plan.fe_state == "in-place-unverified":
+                self._known_plaintext_check(device, mac, derived, scheme)
+        finally:
+            derived.destroy()
+
+        sb = prof.secure_boot
+        if sb is not None:
+            plan.secure_boot = sb.scheme
+            if sb.scheme == SBV1:
+                sbk = self._derive(mac, "SECURE_BOOT_V1", "plan")
+                try:
+                    plan.sb_kcv = sbk.kcv
+                    st = self._key_state(device, state, [("BLOCK2", None)], "SECURE_BOOT_V1", sbk)
+                finally:
+                    sbk.destroy()
+                if st == "burn":
+                    plan.sb_burns.append(("BLOCK2", None, "Secure Boot V1 key (derived)"))
+            else:
+                used = {b for b, _ in plan.fe_blocks}
+                free = [b for b in self.chip.key_blocks if b not in used]
+                for i, pub in enumerate(self.sb_public):
+                    digest = signing.sbv2_public_key_digest(pub)
+                    block = free[i]
+                    dpurpose = f"SECURE_BOOT_DIGEST{i}"
+                    blk = state.key_blocks[block]
+                    if blk.used:
+                        if blk.purpose != dpurpose or blk.data != digest:
+                            raise DeviceError(
+                                f"{block} already holds {blk.purpose or 'data'} that is not the "
+                                f"digest of {sb.keys[i]!r}: device was provisioned under "
+                                "another policy")
+                    else:
+                        plan.sb_burns.append((block, dpurpose, f"SBv2 digest of {sb.keys[i]}"))
+                plan.sb_kcv = ",".join(signing.sbv2_public_key_digest(p).hex()[:16]
+                                       for p in self.sb_public)
+
+        self._plan_flash(plan, mac)
+        self._plan_fields(plan, state, release)
+        return plan
+
+    def _derive(self, mac: bytes, purpose: str, why: str, *,
+                exportable: bool = False) -> DerivedKey:
+        return self.st.derive(self.master, mac, purpose, exportable=exportable)
+
+    def _key_state(self, device: Device, state: hz.EfuseState,
+                   blocks: list[tuple[str, str | None]], purpose: str,
+                   derived: DerivedKey) -> str:
+        """burn | in-place | in-place-unverified; DeviceError when another key is there."""
+        kcvs = derived.kcvs()
+        found = []
+        for i, (block, bpurpose) in enumerate(blocks):
+            blk = state.key_blocks[block]
+            if not blk.used and not blk.read_protected:
+                found.append("empty")
+                continue
+            if bpurpose is not None and blk.purpose != bpurpose:
+                raise DeviceError(f"{block} has key purpose {blk.purpose}, policy needs "
+                                  f"{bpurpose}: device was provisioned differently")
+            if blk.read_protected:
+                found.append("unverified")
+                continue
+            key = hz.stored_key_order(device, block, bpurpose, bytes(blk.data))
+            parts = _halves(key, purpose) if len(blocks) == 1 else [key]
+            want = kcvs if len(blocks) == 1 else [kcvs[i]]
+            if [_sw_kcv(p) for p in parts] != want:
+                raise DeviceError(f"{block} already holds a different key: device was "
+                                  "provisioned with another master key or policy")
+            found.append("ok")
+        if all(f == "empty" for f in found):
+            return "burn"
+        if all(f == "ok" for f in found):
+            return "in-place"
+        if "empty" in found:
+            return "burn"  # partially burned (XTS-256 pair): finish it
+        return "in-place-unverified"
+
+    def _known_plaintext_check(self, device: Device, mac: bytes, derived: DerivedKey,
+                               scheme: str) -> None:
+        """A read-protected key: check that what is in flash decrypts to an ESP image."""
+        for img in self.images:
+            if not img.is_esp_image:
+                continue
+            address = SBV1_DIGEST_ADDRESS if self._is_sbv1_bootloader(img) else img.address
+            if address != img.address:
+                continue
+            head = device.read_flash(img.address, 32)
+            if head == b"\xff" * 32:
+                continue  # not written yet (interrupted before the flash step)
+            if scheme == ESP32_AES256:
+                return  # checked by comparing the written image's MD5 later
+            k1, k2 = derived.ciphers()
+            plain = flashcrypt.xts_decrypt(head, img.address, k1, k2)
+            if plain[0] != ESP_IMAGE_MAGIC:
+                raise DeviceError(f"flash at {img.address:#x} does not decrypt with this "
+                                  "device's key: it was provisioned with another master key")
+            return
+
+    @property
+    def _credentials(self) -> Any:
+        """The policy's credential partitions, when it asks provisioning to write them."""
+        cred = self.policy.credentials
+        if cred is None or cred.nvs_address is None or cred.nvs_keys_address is None:
+            return None
+        return cred
+
+    def _plan_flash(self, plan: Plan, mac: bytes) -> None:
+        unit = 32 if self.chip.is_esp32_classic else 16
+        for img in self.images:
+            if self._is_sbv1_bootloader(img):
+                plan.flash.append(FlashWrite(SBV1_DIGEST_ADDRESS, img.path + " (SBv1 digest)",
+                                             img.sha256, SECTOR + len(_pad(img.data, 128))))
+            else:
+                plan.flash.append(FlashWrite(img.address, img.path, img.sha256,
+                                             len(_pad(img.data, unit))))
+        cred = self._credentials  # after the images: _prepare_flash relies on the order
+        if cred is not None:
+            plan.flash.append(FlashWrite(cred.nvs_address, "nvs (credentials)", "",
+                                         cred.nvs_size))
+            plan.flash.append(FlashWrite(cred.nvs_keys_address, "nvs_keys", "", 0x1000))
+
+    def _plan_fields(self, plan: Plan, state: hz.EfuseState, release: bool) -> None:
+        prof = self.profile
+        enable: dict[str, int] = {}
+        protect: list[str] = []
+        if self.chip.is_esp32_classic:
+            enable["FLASH_CRYPT_CONFIG"] = prof.flash_crypt_config
+            if state.flash_crypt_cnt == 0:
+                enable["FLASH_CRYPT_CNT"] = 1
+            if release:
+                protect.append("FLASH_CRYPT_CNT")
+            if prof.secure_boot is not None and prof.secure_boot.scheme == SBV1:
+                enable["ABS_DONE_0"] = 1
+        else:
+            enable["SPI_BOOT_CRYPT_CNT"] = 7 if release else max(state.flash_crypt_cnt, 1)
+            if prof.secure_boot is not None:
+                enable["SECURE_BOOT_EN"] = 1
+                if release:
+                    for i in range(len(self.sb_public), 3):
+                        enable[f"SECURE_BOOT_KEY_REVOKE{i}"] = 1
+        final: dict[str, int] = {}
+        for item in prof.harden:
+            name, sep, value = item.partition("=")
+            val = int(value, 0) if sep else 1
+            (final if name in DOWNLOAD_MODE_FIELDS else enable)[name] = val
+        for name in list(enable) + list(final):
+            try:
+                state.field(name)
+            except InputError:
+                raise InputError(f"policy {self.policy.name!r}: eFuse {name!r} does not exist "
+                                 f"on {self.chip.name}") from None
+        plan.enable_fields = {k: v for k, v in enable.items() if not _already(state, k, v)}
+        plan.enable_write_protect = [p for p in protect if not state.is_write_protected(p)]
+        plan.final_fields = {k: v for k, v in final.items() if not _already(state, k, v)}
+
+    # -- execution --------------------------------------------------------------------------
+    def provision(self, device: Device, *, dry_run: bool = False) -> DeviceResult:
+        """Plan, check, execute, verify one device (see the module doc for the order).
+
+        Raises:
+            DeviceError, PolicyRefused, InputError, TokenError: before or during; every step
+            is idempotent, so re-running finishes an interrupted device.
+        """
+        started = time.monotonic()
+        mac, revision = self.identify(device)
+        mac_text = kdf.format_mac(mac)
+        subject = {"device": mac_text, "chip": self.chip.name, "revision": revision}
+        self.progress(f"{mac_text}: planning")
+        with self.st.use("provision.plan", self.master, subject=subject,
+                         detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
+            plan = self.plan(device, mac, revision)
+            out.update({"fe_kcv": plan.fe_kcv, "already_provisioned": plan.done})
+        result = DeviceResult(mac_text, self.chip.name, revision, "planned",
+                              fe_kcv=plan.fe_kcv, sb_kcv=plan.sb_kcv, plan=plan.describe())
+        result.images = [{"address": f"{w.address:#x}", "source": w.source,
+                          "sha256": w.plaintext_sha256} for w in plan.flash]
+        if dry_run:
+            result.seconds = time.monotonic() - started
+            return result
+        efuses_done = (plan.fe_state != "burn" and not plan.sb_burns and not plan.enable_fields
+                       and not plan.final_fields and not plan.enable_write_protect)
+        if efuses_done:
+            self._prepare_flash(mac, plan, subject)
+            plan.done = all(device.flash_md5(w.address, len(w.ciphertext)) == w.md5
+                            for w in plan.flash)
+        if plan.done:
+            result.result = "already-provisioned"
+            result.seconds = time.monotonic() - started
+            self.progress(f"{mac_text}: already provisioned")
+            return result
+
+        self._burn_keys(device, mac, plan, subject, result)
+        self._write_flash(device, mac, plan, subject)
+        self._verify(device, mac, plan, subject)
+        self._enable(device, plan, subject, result)
+        self._final_check(device, plan)
+        result.result = "provisioned"
+        result.seconds = time.monotonic() - started
+        self.progress(f"{mac_text}: done")
+        return result
+
+    @contextmanager
+    def _step(self, name: str, subject: dict[str, Any], detail: dict[str, Any],
+              key_used: bool = False) -> Iterator[dict[str, Any]]:
+        with self.st.use(f"provision.{name}", self.master if key_used else None,
+                         subject=subject, detail=detail) as out:
+            yield out
+
+    def _burn_keys(self, device: Device, mac: bytes, plan: Plan, subject: dict[str, Any],
+                   result: DeviceResult) -> None:
+        burns: list[hz.KeyBurn] = []
+        secrets: list[bytearray] = []
+        rp = plan.read_protect_keys
+        if plan.fe_state == "in-place-unverified" and not plan.sb_burns:
+            return
+        need_fe = plan.fe_state == "burn"
+        need_sbv1 = any(p is None and b == "BLOCK2" for b, p, _ in plan.sb_burns)
+        if not need_fe and not plan.sb_burns:
+            return
+        self.progress(f"{plan.mac}: burning keys")
+        exports = []
+        with self._step("burn-keys", subject, {"blocks": [b for b, _ in plan.fe_blocks]
+                                                + [b for b, _, _ in plan.sb_burns]},
+                        key_used=True) as out:
+            try:
+                if need_fe:
+                    self.policy.check_export("efuse_burn")
+                    d = self._derive(mac, plan.fe_purpose, "burn", exportable=True)
+                    try:
+                        key = self.st.export(d, "the flash-encryption key eFuse burn")
+                        secrets.append(key)
+                        exports.append({"purpose": plan.fe_purpose, "kcv": d.kcv})
+                    finally:
+                        d.destroy()
+                    if len(plan.fe_blocks) == 1:
+                        block, purpose = plan.fe_blocks[0]
+                        burns.append(hz.KeyBurn(block, bytes(key), purpose, rp))
+                    else:
+                        for i, (block, purpose) in enumerate(plan.fe_blocks):
+                            burns.append(hz.KeyBurn(block, bytes(key[32 * i:32 * (i + 1)]),
+                                                    purpose, rp))
+                for block, purpose, _what in plan.sb_burns:
+                    if need_sbv1 and purpose is None:
+                        self.policy.check_export("efuse_burn")
+                        d = self._derive(mac, "SECURE_BOOT_V1", "burn", exportable=True)
+                        try:
+                            sbkey = self.st.export(d, "the Secure Boot V1 key eFuse burn")
+                            secrets.append(sbkey)
+                            exports.append({"purpose": "SECURE_BOOT_V1", "kcv": d.kcv})
+                        finally:
+                            d.destroy()
+                        burns.append(hz.KeyBurn(block, bytes(sbkey), None, rp))
+                    else:
+                        index = int(str(purpose)[-1])
+                        digest = signing.sbv2_public_key_digest(self.sb_public[index])
+                        burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
+                out["exported"] = exports
+                report = hz.burn(device, keys=burns, confirm=True)
+            finally:
+                for s in secrets:
+                    wipe(s)
+            out.update({"burned": list(report.burned), "already": list(report.already)})
+            result.burned += list(report.burned)
+
+    def _ciphertext(self, mac: bytes, img: ImageSpec, write: FlashWrite) -> bytes:
+        """Encrypt one image for this device and address, keys in the token."""
+        scheme = self.profile.flash_encryption
+        if write.address == SBV1_DIGEST_ADDRESS and self._is_sbv1_bootloader(img):
+            sbk = self._derive(mac, "SECURE_BOOT_V1", "digest")
+            try:
+                plain = signing.sbv1_bootloader_digest(img.data, sbk.ciphers()[0],
+                                                       sbv1_iv(mac, img.data), img.path)
+            finally:
+                sbk.destroy()
+        else:
+            plain = img.data
+        plain = _pad(plain, 32 if self.chip.is_esp32_classic else 16)
+        if scheme == ESP32_AES256:
+            self.policy.check_export("esp32_classic_transient")
+            d = self._derive(mac, "FLASH_ENCRYPTION", "encrypt", exportable=True)
+            try:
+                key = self.st.export(d, "ESP32-classic flash encryption")
+                try:
+                    return flashcrypt.esp32_encrypt(plain, write.address, key,
+                                                    self.profile.flash_crypt_config)
+                finally:
+                    wipe(key)
+            finally:
+                d.destroy()
+        d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], "encrypt")
+        try:
+            k1, k2 = d.ciphers()
+            return flashcrypt.xts_encrypt(plain, write.address, k1, k2)
+        finally:
+            d.destroy()
+
+    def _prepare_flash(self, mac: bytes, plan: Plan, subject: dict[str, Any]) -> None:
+        if all(w.ciphertext for w in plan.flash):
+            return
+        path = ("transient-export" if self.profile.flash_encryption == ESP32_AES256
+                else "in-token")
+        cred = self._credentials
+        if cred is not None:
+            from hsmflash.credentials import build_device_partitions
+
+            parts = build_device_partitions(
+                self.st, self.chip.name, mac, nvs_size=cred.nvs_size,
+                nvs_keys_address=cred.nvs_keys_address, nvs_address=cred.nvs_address)
+            plan.flash[-2].ciphertext = parts.nvs
+            plan.flash[-1].ciphertext = parts.nvs_keys
+        with self._step("encrypt", subject, {"images": len(self.images), "path": path},
+                        key_used=True) as out:
+            for img, write in zip(self.images, plan.flash, strict=False):
+                write.ciphertext = self._ciphertext(mac, img, write)
+            for write in plan.flash:
+                write.md5 = hashlib.md5(write.ciphertext).hexdigest()  # noqa: S324 - esptool's
+            if path == "transient-export":
+                out["exported"] = {"purpose": "FLASH_ENCRYPTION", "kcv": plan.fe_kcv,
+                                   "why": "esp32_classic_transient"}
+            out["ciphertext_md5"] = [w.md5 for w in plan.flash]
+
+    def _write_flash(self, device: Device, mac: bytes, plan: Plan,
+                     subject: dict[str, Any]) -> None:
+        self._prepare_flash(mac, plan, subject)
+        for write in plan.flash:
+            if device.flash_md5(write.address, len(write.ciphertext)) == write.md5:
+                write.status = "in-place"
+                continue
+            self.progress(f"{plan.mac}: writing {write.source} at {write.address:#x}")
+            with self._step("write-flash", subject, {"address": f"{write.address:#x}",
+                                                     "source": write.source,
+                                                     "length": len(write.ciphertext),
+                                                     "ciphertext_md5": write.md5}):
+                device.write_flash(write.address, write.ciphertext)
+            write.status = "written"
+
+    def _verify(self, device: Device, mac: bytes, plan: Plan, subject: dict[str, Any]) -> None:
+        for write in plan.flash:
+            got = device.flash_md5(write.address, len(write.ciphertext))
+            if got != write.md5:
+                raise DeviceError(f"flash at {write.address:#x} reads back with MD5 {got}, "
+                                  f"expected {write.md5}: write failed")
+
+    def _enable(self, device: Device, plan: Plan, subject: dict[str, Any],
+                result: DeviceResult) -> None:
+        if plan.enable_fields or plan.enable_write_protect:
+            self.progress(f"{plan.mac}: enabling flash encryption, Secure Boot, hardening")
+            with self._step("enable", subject, {"fields": plan.enable_fields,
+                                                "write_protect": plan.enable_write_protect}) as out:
+                report = hz.burn_fields(device, plan.enable_fields,
+                                        write_protect=plan.enable_write_protect, confirm=True)
+                out["burned"] = list(report.burned)
+                result.burned += list(report.burned)
+        if plan.final_fields:
+            self.progress(f"{plan.mac}: closing download mode")
+            with self._step("close-download", subject, {"fields": plan.final_fields}) as out:
+                report = hz.burn_fields(device, plan.final_fields, confirm=True)
+                out["burned"] = list(report.burned)
+                result.burned += list(report.burned)
+
+    def _final_check(self, device: Device, plan: Plan) -> None:
+        device.reload_efuses()
+        state = hz.read_state(device)
+        for name, value in {**plan.enable_fields, **plan.final_fields}.items():
+            if not _already(state, name, value):
+                raise DeviceError(f"eFuse {name} reads back {state.field(name)!r} after "
+                                  f"burning {value}")
+        if not state.flash_encryption_enabled:
+            raise DeviceError("flash encryption is not enabled after provisioning")
+
+
+def _already(state: hz.EfuseState, name: str, value: int) -> bool:
+    current = state.field(name)
+    if isinstance(current, bool):
+        return current == bool(value)
+    if isinstance(current, bytes):
+        return False
+    return int(current) == int(value) or (int(current) & int(value)) == int(value)
+
+
+def provisioner_for(st: Station, chip_name: str, images: list[ImageSpec],
+                    progress: Progress | None = None) -> Provisioner:
+    """Build a Provisioner for the station's policy and `chip_name`.
+
+    Raises:
+        InputError: unknown chip or bad images; PolicyRefused: chip not in the policy or
+        images not signed by its keys; TokenError: keys missing.
+    """
+    return Provisioner(st, st.policy, get_chip(chip_name), images, progress)
