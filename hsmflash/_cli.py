@@ -1155,3 +1155,45 @@ def provision_cmd(
 from hsmflash._cli_credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
+
+
+@app.command("flash")
+def flash_cmd(
+    ctx: typer.Context,
+    chip: ChipOpt,
+    port: PortOpt = None,
+    virtual_efuses: VEfuseOpt = None,
+    virtual_flash: VFlashOpt = None,
+    image: ImageOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and plan; write "
+                                          "nothing.")] = False,
+    manifest: ManifestOpt = None,
+    baud: BaudOpt = 460800,
+) -> None:
+    """Re-flash provisioned devices (field update, RMA): each device's key is re-derived in the
+    token from the MAC it reports; no key files exist anywhere.
+
+    Refused before writing when the device was provisioned under another master key or
+    policy, an image is not signed by a key the device holds, or an address is outside the
+    device's encrypted partitions. Never writes eFuses. Re-run to complete an interrupted write.
+    """
+    from hsmflash.chips import get_chip
+    from hsmflash.reflash import Reflasher
+
+    c = ctx_of(ctx)
+    if not c.policy.chips:
+        raise UsageError("flash needs --policy FILE with a [chips] profile")
+    c.policy.profile(chip)
+    if not image:
+        raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
+    specs = _device_specs(port, virtual_efuses, virtual_flash)
+    images = _images_for(c, chip, image)
+    with c.station() as st:
+        Reflasher(st, st.policy, get_chip(chip), images)
+
+    def work(st: Station, device: Any, progress: Callable[[str], None]) -> Any:
+        return Reflasher(st, st.policy, get_chip(chip), images, progress).reflash(
+            device, dry_run=dry_run)
+
+    results = _run_devices(c, chip, specs, baud, work, manifest)
+    _finish_devices(c, specs, results, "flash")

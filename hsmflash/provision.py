@@ -195,6 +195,8 @@ def sbv1_iv(mac: bytes, bootloader: bytes) -> bytes:
 class Provisioner:
     """Provisions devices for one chip profile of one policy, keys through a Station."""
 
+    audit_prefix = "provision"
+
     def __init__(self, st: Station, policy: Policy, chip: Chip, images: list[ImageSpec],
                  progress: Progress | None = None) -> None:
         self.st = st
@@ -512,7 +514,7 @@ class Provisioner:
     @contextmanager
     def _step(self, name: str, subject: dict[str, Any], detail: dict[str, Any],
               key_used: bool = False) -> Iterator[dict[str, Any]]:
-        with self.st.use(f"provision.{name}", self.master if key_used else None,
+        with self.st.use(f"{self.audit_prefix}.{name}", self.master if key_used else None,
                          subject=subject, detail=detail) as out:
             yield out
 

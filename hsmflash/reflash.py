@@ -1,0 +1,179 @@
+"""Re-flash a provisioned device: field updates over serial and RMA, no key files anywhere.
+
+The device's flash-encryption key is re-derived in the token from the MAC the chip reports.
+Before anything is written: the device must have been provisioned under this policy (the
+re-derived key's KCV matches a readable key block, or, for a read-protected key, the
+bootloader in flash decrypts with it); each ESP image must be signed by a key whose digest the
+device holds (SBv2) or by the policy's SBv1 key; each address must lie in an encrypted region
+of the device's own partition table. eFuses are never written.
+
+Writes are verified by MD5; a region already holding the right ciphertext is skipped, so a
+re-run after an interrupted write completes the image.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hsmflash import flashcrypt, kdf, partitions
+from hsmflash.chips import ESP32_AES256, SBV2
+from hsmflash.device import Device
+from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.hazmat import efuse as hz
+from hsmflash.images import ESP_IMAGE_MAGIC, read_signature_blocks
+from hsmflash.keyuse import wipe
+from hsmflash.perdevice import PURPOSE_FOR_SCHEME
+from hsmflash.provision import DeviceResult, Plan, Provisioner
+
+PARTITION_TABLE = partitions.TABLE_ADDRESS
+
+
+class Reflasher(Provisioner):
+    """Writes new images to devices provisioned under the same policy."""
+
+    audit_prefix = "flash"
+
+    @property
+    def _credentials(self) -> Any:
+        return None  # credentials are issued at provisioning, not on re-flash
+
+    def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
+        scheme = self.profile.flash_encryption
+        if scheme == ESP32_AES256:
+            self.policy.check_export("esp32_classic_transient")
+            d = self._derive(mac, "FLASH_ENCRYPTION", "check", exportable=True)
+            try:
+                key = self.st.export(d, "reading the device's flash")
+                try:
+                    return flashcrypt.esp32_decrypt(data, address, key,
+                                                    self.profile.flash_crypt_config)
+                finally:
+                    wipe(key)
+            finally:
+                d.destroy()
+        d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], "check")
+        try:
+            k1, k2 = d.ciphers()
+            return flashcrypt.xts_decrypt(data, address, k1, k2)
+        finally:
+            d.destroy()
+
+    def _check_device_key(self, device: Device, mac: bytes, state: hz.EfuseState) -> str:
+        scheme = self.profile.flash_encryption
+        purpose = PURPOSE_FOR_SCHEME[scheme]
+        if not state.flash_encryption_enabled:
+            raise DeviceError("flash encryption is not enabled on this device: it was never "
+                              "provisioned; run `hsmflash provision` first")
+        derived = self._derive(mac, purpose, "check")
+        try:
+            kcv = derived.kcv
+            status = self._key_state(device, state, self._fe_blocks(scheme), purpose, derived)
+        except DeviceError:
+            raise DeviceError("the device's flash-encryption key is not the one this policy's "
+                              f"master ({self.profile.derive_master!r}) derives for "
+                              f"{kdf.format_mac(mac)}: it was provisioned under another master "
+                              "key or policy; use that policy") from None
+        finally:
+            derived.destroy()
+        if status == "burn":
+            raise DeviceError("the device has no flash-encryption key: run `hsmflash "
+                              "provision` first")
+        if status == "in-place-unverified":
+            boot = self.chip.bootloader_address
+            head = self._decrypt(mac, boot, device.read_flash(boot, 32))
+            if head[0] != ESP_IMAGE_MAGIC:
+                raise DeviceError(
+                    f"the bootloader at {boot:#x} does not decrypt with the key this policy "
+                    f"derives for {kdf.format_mac(mac)}: the device was provisioned under "
+                    "another master key or policy; use that policy")
+        return kcv
+
+    def _device_partitions(self, device: Device, mac: bytes) -> list[partitions.Partition]:
+        raw = device.read_flash(PARTITION_TABLE, partitions.TABLE_SIZE)
+        try:
+            return partitions.parse(self._decrypt(mac, PARTITION_TABLE, raw),
+                                    f"partition table at {PARTITION_TABLE:#x}")
+        except InputError as e:
+            raise DeviceError(f"{e.diagnostics()}: the device has no readable partition table, "
+                              "so image addresses cannot be checked") from None
+
+    def _check_addresses(self, table: list[partitions.Partition], plan: Plan) -> None:
+        boot = self.chip.bootloader_address
+        for write in plan.flash:
+            if write.address in (boot, 0x0) and write.address < PARTITION_TABLE:
+                continue  # the bootloader region (SBv1: the digest image at 0x0)
+            if write.address == PARTITION_TABLE:
+                continue
+            hits = [p for p in table if p.contains(write.address, write.length)]
+            if not hits or not hits[0].encrypted:
+                where = (f"partition {hits[0].label!r}, which is not encrypted" if hits
+                         else "no partition")
+                raise InputError(
+                    f"{write.source} at {write.address:#x} (+{write.length:#x}) falls in "
+                    f"{where} of the device's table; encrypted partitions: "
+                    + ", ".join(f"{p.label} {p.offset:#x}+{p.size:#x}" for p in table
+                                if p.encrypted))
+
+    def _check_device_digests(self, state: hz.EfuseState) -> None:
+        sb = self.profile.secure_boot
+        if sb is None or sb.scheme != SBV2:
+            return
+        held = set()
+        revoked = state.secure_boot_key_revoked
+        for blk in state.key_blocks.values():
+            if blk.purpose and blk.purpose.startswith("SECURE_BOOT_DIGEST"):
+                slot = int(blk.purpose[-1])
+                if not (slot < len(revoked) and revoked[slot]):
+                    held.add(bytes(blk.data))
+        for img in self.images:
+            if not img.is_esp_image:
+                continue
+            digests = {b.key_digest for b in read_signature_blocks(img.data)}
+            if not digests & held:
+                raise PolicyRefused(
+                    f"{img.path!r} is not signed by a key whose digest the device holds "
+                    "(or that key is revoked); sign it with one of the device's Secure Boot "
+                    "keys")
+
+    def reflash(self, device: Device, *, dry_run: bool = False) -> DeviceResult:
+        """Check the device, then encrypt, write and verify the images (no eFuse writes).
+
+        Raises:
+            DeviceError: not provisioned, or under another master key/policy; no partition
+                table; write/verify failures.
+            InputError: an address outside the device's encrypted partitions.
+            PolicyRefused: an image not signed by a key the device trusts.
+        """
+        started = time.monotonic()
+        mac, revision = self.identify(device)
+        mac_text = kdf.format_mac(mac)
+        subject = {"device": mac_text, "chip": self.chip.name, "revision": revision}
+        scheme = self.profile.flash_encryption
+        plan = Plan(self.chip.name, revision, mac_text, self.policy.name, scheme,
+                    PURPOSE_FOR_SCHEME[scheme], self._fe_blocks(scheme))
+        self.progress(f"{mac_text}: checking")
+        with self.st.use("flash.check", self.master, subject=subject,
+                         detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
+            state = hz.read_state(device)
+            plan.fe_kcv = self._check_device_key(device, mac, state)
+            self._check_device_digests(state)
+            self._plan_flash(plan, mac)
+            table = self._device_partitions(device, mac)
+            self._check_addresses(table, plan)
+            out["fe_kcv"] = plan.fe_kcv
+        result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
+                              plan=plan.describe())
+        result.images = [{"address": f"{w.address:#x}", "source": w.source,
+                          "sha256": w.plaintext_sha256} for w in plan.flash]
+        if dry_run:
+            result.seconds = time.monotonic() - started
+            return result
+        self._write_flash(device, mac, plan, subject)
+        self._verify(device, mac, plan, subject)
+        result.result = ("up-to-date" if all(w.status == "in-place" for w in plan.flash)
+                         else "flashed")
+        result.seconds = time.monotonic() - started
+        self.progress(f"{mac_text}: {result.result}")
+        return result
+
