@@ -32,9 +32,8 @@ def _hs(*args: str) -> None:
 
 def _firmware(work: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from imagebuilder import build_app, build_bootloader, build_micropython_app
-
     from hsmflash.partitions import build, default_layout
+    from imagebuilder import build_bootloader, build_micropython_app
 
     files = {
         "esp32s3-bootloader.bin": build_bootloader("esp32s3", seed=1),
