@@ -113,6 +113,7 @@ def espressif_call(what: str) -> Iterator[None]:
         DeviceError: esptool or espefuse reported a fatal error; the message starts with `what`.
     """
     import esptool
+    import serial
 
     sink = io.StringIO()
     try:
@@ -121,6 +122,9 @@ def espressif_call(what: str) -> Iterator[None]:
     except esptool.FatalError as e:
         first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else "failed"
         raise DeviceError(f"{what}: {first_line}") from e
+    except (serial.SerialException, OSError) as e:  # cable pulled, port gone, I/O error
+        first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else "I/O error"
+        raise DeviceError(f"{what}: connection lost ({first_line}); re-run to finish") from e
 
 
 class Device(ABC):
