@@ -206,6 +206,7 @@ class Provisioner:
         self.images = images
         self.progress = progress or (lambda _msg: None)
         self.master = st.key(self.profile.derive_master)
+        self._exported: list[dict[str, str]] = []  # key exports while planning, for the audit
         self._check_static()
 
     # -- checks that need no device ---------------------------------------------------------
@@ -264,15 +265,16 @@ class Provisioner:
         """Check the chip against the profile; return (mac, revision text).
 
         Raises:
-            DeviceError: wrong chip, revision outside the profile, non-unique MAC.
+            DeviceError: wrong chip, non-unique MAC.
+            PolicyRefused: a revision outside the profile.
         """
         if device.chip.name != self.chip.name:
             raise DeviceError(f"device is {device.chip.name}, not {self.chip.name}")
         ident = device.identify()
         rev = ident.revision
         if self.profile.revisions and rev.major not in self.profile.revisions:
-            raise DeviceError(f"{self.chip.name} {rev} is not covered by policy "
-                              f"{self.policy.name!r} (revisions {list(self.profile.revisions)})")
+            raise PolicyRefused(f"{self.chip.name} {rev} is not covered by policy "
+                                f"{self.policy.name!r} (revisions {list(self.profile.revisions)})")
         if self.profile.secure_boot and self.profile.secure_boot.scheme == SBV1 \
                 and rev.major >= 3 and not self.profile.revisions:
             pass  # SBv1 still works on ECO3; V2 is better there, but the policy decides
@@ -389,24 +391,44 @@ class Provisioner:
 
     def _known_plaintext_check(self, device: Device, mac: bytes, derived: DerivedKey,
                                scheme: str) -> None:
-        """A read-protected key: check that what is in flash decrypts to an ESP image."""
+        """A read-protected key: what is in flash must decrypt with this device's key.
+
+        Every ESP image already written (not erased) must decrypt to a header for this chip
+        (magic and chip id, 2^-24 by chance); otherwise another master key wrote it, and
+        re-writing the flash would leave a device that cannot boot.
+        """
+        heads = []
         for img in self.images:
             if not img.is_esp_image:
                 continue
-            address = SBV1_DIGEST_ADDRESS if self._is_sbv1_bootloader(img) else img.address
-            if address != img.address:
-                continue
+            # SBv1: the bootloader itself sits at its address inside the digest image
             head = device.read_flash(img.address, 32)
-            if head == b"\xff" * 32:
-                continue  # not written yet (interrupted before the flash step)
-            if scheme == ESP32_AES256:
-                return  # checked by comparing the written image's MD5 later
+            if head != b"\xff" * 32:  # erased: not written yet (interrupted before flash)
+                heads.append((img, head))
+        if not heads:
+            return
+        if scheme == ESP32_AES256:
+            self.policy.check_export("esp32_classic_transient")
+            d = self._derive(mac, "FLASH_ENCRYPTION", "check", exportable=True)
+            try:
+                key = self.st.export(d, "checking the flash of a device with a protected key")
+                self._exported.append({"purpose": "FLASH_ENCRYPTION", "kcv": d.kcv,
+                                       "why": "esp32_classic_transient"})
+                try:
+                    plains = [flashcrypt.esp32_decrypt(head, img.address, key,
+                                                       self.profile.flash_crypt_config)
+                              for img, head in heads]
+                finally:
+                    wipe(key)
+            finally:
+                d.destroy()
+        else:
             k1, k2 = derived.ciphers()
-            plain = flashcrypt.xts_decrypt(head, img.address, k1, k2)
-            if plain[0] != ESP_IMAGE_MAGIC:
+            plains = [flashcrypt.xts_decrypt(head, img.address, k1, k2) for img, head in heads]
+        for (img, _head), plain in zip(heads, plains, strict=True):
+            if plain[0] != ESP_IMAGE_MAGIC or plain[12:14] != img.data[12:14]:
                 raise DeviceError(f"flash at {img.address:#x} does not decrypt with this "
                                   "device's key: it was provisioned with another master key")
-            return
 
     @property
     def _credentials(self) -> Any:
@@ -482,6 +504,9 @@ class Provisioner:
                          detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
             plan = self.plan(device, mac, revision)
             out.update({"fe_kcv": plan.fe_kcv, "already_provisioned": plan.done})
+            if self._exported:
+                out["exported"] = self._exported
+                self._exported = []
         result = DeviceResult(mac_text, self.chip.name, revision, "planned",
                               fe_kcv=plan.fe_kcv, sb_kcv=plan.sb_kcv, plan=plan.describe())
         result.images = [{"address": f"{w.address:#x}", "source": w.source,
