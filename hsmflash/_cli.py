@@ -154,21 +154,24 @@ def main_options(
     token: Annotated[str | None, typer.Option(
         "--token", envvar="HSMFLASH_TOKEN",
         help="Token label (default: the policy's token.label, else 'hsmflash-dev').")] = None,
-    pin_file: Annotated[Path | None, typer.Option(
+    pin_file: Annotated[str | None, typer.Option(
         "--pin-file", envvar="HSMFLASH_PIN_FILE",
         help="File whose first line is the user PIN (or set HSMFLASH_PIN).")] = None,
-    policy: Annotated[Path | None, typer.Option(
+    policy: Annotated[str | None, typer.Option(
         "--policy", envvar="HSMFLASH_POLICY", help="Policy TOML file (policies/*.toml).")] = None,
-    audit_log: Annotated[Path, typer.Option(
+    audit_log: Annotated[str, typer.Option(
         "--audit-log", envvar="HSMFLASH_AUDIT_LOG", help="Audit log (JSON Lines).")] =
-        Path(DEFAULT_AUDIT_LOG),
+        DEFAULT_AUDIT_LOG,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Show the version.")] = False,
 ) -> None:
-    ctx.obj = Context(module=module, token=token, pin_file=pin_file, policy_path=policy,
-                      audit_log=audit_log, json=json_out, debug=debug)
+    # paths arrive as str: typer converts Path parameters through pydantic, a slow import
+    ctx.obj = Context(module=module, token=token,
+                      pin_file=Path(pin_file) if pin_file else None,
+                      policy_path=Path(policy) if policy else None,
+                      audit_log=Path(audit_log), json=json_out, debug=debug)
 
 
 def main() -> NoReturn:
@@ -277,7 +280,7 @@ def keys_import(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Label of the imported key.")],
     key_type: Annotated[str, typer.Option("--type", help="Key type (see `keys generate`).")],
-    file: Annotated[Path, typer.Option("--file", help="espsecure key file: raw AES bytes "
+    file: Annotated[str, typer.Option("--file", help="espsecure key file: raw AES bytes "
                                        "(32/64) or a PEM private key.")],
     usage: UsageOpt = None,
 ) -> None:
@@ -358,7 +361,7 @@ def keys_list(ctx: typer.Context) -> None:
 def keys_public(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Key label or pkcs11: URI.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PEM file to write.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="PEM file to write.")],
 ) -> None:
     """Write the public half of a signing key as PEM (for espsecure, auditors, eFuse digests)."""
     from cryptography.hazmat.primitives import serialization
@@ -386,7 +389,7 @@ def keys_public(
 @policy_app.command("check")
 def policy_check(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="Policy TOML file.")],
+    file: Annotated[str, typer.Argument(help="Policy TOML file.")],
 ) -> None:
     """Validate a policy file; errors name the field at fault (exit 3)."""
     c = ctx_of(ctx)
@@ -443,8 +446,8 @@ ChipOpt = Annotated[str, typer.Option("--chip", help="esp32, esp32s2, esp32s3, e
 @app.command("sign")
 def sign_cmd(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(help="ESP app or bootloader image (.bin).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Signed image to write.")],
+    image: Annotated[str, typer.Argument(help="ESP app or bootloader image (.bin).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Signed image to write.")],
     key: Annotated[str, typer.Option("--key", help="Signing key label or pkcs11: URI.")],
     chip: ChipOpt = "",
     scheme: Annotated[str | None, typer.Option(
@@ -488,9 +491,9 @@ def _chip_from_image(data: bytes, name: str) -> Any:
 @app.command("verify")
 def verify_cmd(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(help="Signed image.")],
+    image: Annotated[str, typer.Argument(help="Signed image.")],
     key: Annotated[str | None, typer.Option("--key", help="Token key (no PIN needed).")] = None,
-    pubkey: Annotated[Path | None, typer.Option("--pubkey", help="Public key PEM (no token).")]
+    pubkey: Annotated[str | None, typer.Option("--pubkey", help="Public key PEM (no token).")]
         = None,
     scheme: Annotated[str | None, typer.Option("--scheme", help="sbv2 or sbv1 (default: "
                                                "detected).")] = None,
@@ -522,7 +525,7 @@ def keys_digest(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Signing key label or pkcs11: URI.")],
     chip: ChipOpt,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the raw "
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Also write the raw "
                                                 "bytes here.")] = None,
 ) -> None:
     """The eFuse value for a signing key: the SBv2 public-key digest, or the SBv1 public key."""
@@ -547,15 +550,15 @@ def keys_digest(
 @app.command("digest-bootloader")
 def digest_bootloader_cmd(
     ctx: typer.Context,
-    bootloader: Annotated[Path, typer.Argument(help="ESP32 bootloader image.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Digest + bootloader image "
+    bootloader: Annotated[str, typer.Argument(help="ESP32 bootloader image.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Digest + bootloader image "
                                          "(flash at 0x0).")],
     key: Annotated[str | None, typer.Option("--key", help="aes-256 token key with usage "
                                             "encrypt.")] = None,
     master: Annotated[str | None, typer.Option("--master", help="Derive the device's "
                                                "SECURE_BOOT_V1 key from this master.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Device base MAC.")] = None,
-    iv: Annotated[Path | None, typer.Option("--iv", help="128-byte IV file (testing only; "
+    iv: Annotated[str | None, typer.Option("--iv", help="128-byte IV file (testing only; "
                                             "random by default).")] = None,
 ) -> None:
     """Secure Boot V1 bootloader digest (as `espsecure digest-secure-bootloader`), AES in
@@ -603,9 +606,9 @@ def derive_cmd(
             "scheme": "aes-ecb-v1"}, f"{format_mac(mac)} {purpose}: kcv {kcv}")
 
 
-def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: Path, output: Path | None,
+def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: str, output: str | None,
                    chip: str, address: str, key: str | None, master: str | None,
-                   device: str | None, devices: Path | None, out_dir: Path | None,
+                   device: str | None, devices: str | None, out_dir: str | None,
                    scheme: str | None) -> None:
     from hsmflash.chips import get_chip
     from hsmflash.fileio import atomic_write, parse_int, read_input
@@ -622,7 +625,8 @@ def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: Path, output: 
             raise UsageError("--devices is for batch encryption")
         if master is None or out_dir is None:
             raise UsageError("--devices needs --master NAME and --out-dir DIR")
-        _batch(c, data, the_chip, addr, master, devices, out_dir, scheme, str(input_file))
+        _batch(c, data, the_chip, addr, master, Path(devices), Path(out_dir), scheme,
+               str(input_file))
         return
     if output is None:
         raise UsageError("missing -o/--output")
@@ -683,8 +687,8 @@ def _batch(c: Context, data: bytes, chip: Any, addr: int, master: str, devices: 
            f"{done} device image(s) encrypted, {skipped} already done, in {out_dir}")
 
 
-InputArg = Annotated[Path, typer.Argument(help="Plaintext (or ciphertext for decrypt) file.")]
-OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="File to write.")]
+InputArg = Annotated[str, typer.Argument(help="Plaintext (or ciphertext for decrypt) file.")]
+OutOpt = Annotated[str | None, typer.Option("-o", "--output", help="File to write.")]
 AddrOpt = Annotated[str, typer.Option("--address", help="Flash address (0x...), a multiple "
                                       "of 16.")]
 KeyOpt = Annotated[str | None, typer.Option("--key", help="Stored xts-aes key in the token.")]
@@ -705,10 +709,10 @@ def encrypt_cmd(
     key: KeyOpt = None,
     master: MasterOpt = None,
     device: DeviceOpt = None,
-    devices: Annotated[Path | None, typer.Option(
+    devices: Annotated[str | None, typer.Option(
         "--devices", help="Batch: CSV of device MACs (column 'mac' or the first column).")]
         = None,
-    out_dir: Annotated[Path | None, typer.Option(
+    out_dir: Annotated[str | None, typer.Option(
         "--out-dir", help="Batch: one output per device here; existing ones are skipped.")]
         = None,
     scheme: SchemeOpt = None,
@@ -743,14 +747,14 @@ def decrypt_cmd(
 # ---------------------------------------------------------------------------------------
 # audit
 # ---------------------------------------------------------------------------------------
-LogArg = Annotated[Path | None, typer.Argument(help="Audit log (default: --audit-log).")]
+LogArg = Annotated[str | None, typer.Argument(help="Audit log (default: --audit-log).")]
 
 
 @audit_app.command("verify")
 def audit_verify(
     ctx: typer.Context,
     log: LogArg = None,
-    pubkey: Annotated[Path | None, typer.Option(
+    pubkey: Annotated[str | None, typer.Option(
         "--pubkey", help="Audit public key PEM (`hsmflash keys public audit -o audit.pem`): "
         "checks every checkpoint signature, no token needed.")] = None,
     with_token: Annotated[bool, typer.Option(
@@ -768,7 +772,7 @@ def audit_verify(
     from hsmflash.token import open_session
 
     c = ctx_of(ctx)
-    path = log or c.audit_log
+    path = Path(log) if log else c.audit_log
     if not path.is_file():
         raise InputError(f"audit log {str(path)!r} not found")
     pub: Any = None
@@ -841,7 +845,7 @@ def audit_show(
     from hsmflash.audit import filter_records, iter_records
 
     c = ctx_of(ctx)
-    path = log or c.audit_log
+    path = Path(log) if log else c.audit_log
     records = list(filter_records(iter_records(path), op=op, key=key, device=device,
                                   since=_parse_time(since, "--since"),
                                   until=_parse_time(until, "--until")))
@@ -867,7 +871,7 @@ def audit_report(ctx: typer.Context, log: LogArg = None) -> None:
     from hsmflash.audit import iter_records
 
     c = ctx_of(ctx)
-    path = log or c.audit_log
+    path = Path(log) if log else c.audit_log
     ops: Counter[str] = Counter()
     keys: Counter[str] = Counter()
     devices: set[str] = set()
@@ -916,7 +920,7 @@ def virtual_create(
     ctx: typer.Context,
     chip: ChipOpt,
     mac: Annotated[str, typer.Option("--mac", help="The chip's factory base MAC.")],
-    efuse_file: Annotated[Path, typer.Option("--efuse-file", help="Virtual eFuse file to "
+    efuse_file: Annotated[str, typer.Option("--efuse-file", help="Virtual eFuse file to "
                                              "create.")],
     revision: Annotated[str, typer.Option("--revision", help="Chip revision MAJOR.MINOR "
                                           "(esp32: 1.0 for FiPy-era, 3.0 for ECO3).")] = "0.0",
@@ -931,7 +935,7 @@ def virtual_create(
     except ValueError:
         raise InputError(f"--revision {revision!r} is not MAJOR.MINOR") from None
     mac_bytes = parse_mac(mac)
-    create_virtual_chip(chip, efuse_file, mac_bytes, (major, minor))
+    create_virtual_chip(chip, Path(efuse_file), mac_bytes, (major, minor))
     c.emit({"chip": chip, "mac": format_mac(mac_bytes), "efuse_file": str(efuse_file),
             "revision": revision}, f"created virtual {chip} v{revision} {format_mac(mac_bytes)} "
            f"in {efuse_file}")
@@ -939,19 +943,19 @@ def virtual_create(
 
 PortOpt = Annotated[list[str] | None, typer.Option(
     "--port", help="Serial port of a chip in download mode (repeat for station mode).")]
-VEfuseOpt = Annotated[list[Path] | None, typer.Option(
+VEfuseOpt = Annotated[list[str] | None, typer.Option(
     "--virtual-efuses", help="Virtual chip's eFuse file (repeat, paired with --virtual-flash).")]
-VFlashOpt = Annotated[list[Path] | None, typer.Option(
+VFlashOpt = Annotated[list[str] | None, typer.Option(
     "--virtual-flash", help="Virtual chip's flash file (created erased when missing).")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="ADDR=FILE to write encrypted (repeat); default: the policy's images.")]
-ManifestOpt = Annotated[Path | None, typer.Option(
+ManifestOpt = Annotated[str | None, typer.Option(
     "--manifest", help="Append one record per device (.csv, else JSON Lines).")]
 BaudOpt = Annotated[int, typer.Option("--baud", help="Serial baud rate.")]
 
 
-def _device_specs(ports: list[str] | None, efuses: list[Path] | None,
-                  flashes: list[Path] | None) -> list[dict[str, Any]]:
+def _device_specs(ports: list[str] | None, efuses: list[str] | None,
+                  flashes: list[str] | None) -> list[dict[str, Any]]:
     ports, efuses, flashes = ports or [], efuses or [], flashes or []
     if ports and (efuses or flashes):
         raise UsageError("give --port, or --virtual-efuses with --virtual-flash, not both")
@@ -961,8 +965,8 @@ def _device_specs(ports: list[str] | None, efuses: list[Path] | None,
         raise UsageError("no device: give --port DEV, or --virtual-efuses F --virtual-flash F")
     if ports:
         return [{"port": p, "name": p} for p in ports]
-    return [{"efuse_file": e, "flash_file": f, "name": str(e)} for e, f in zip(efuses, flashes,
-                                                                               strict=True)]
+    return [{"efuse_file": Path(e), "flash_file": Path(f), "name": e}
+            for e, f in zip(efuses, flashes, strict=True)]
 
 
 def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
@@ -1032,7 +1036,7 @@ class _Table:
 
 def _run_devices(c: Context, chip: str, specs: list[dict[str, Any]], baud: int,
                  work: Callable[[Any, Any, Callable[[str], None]], Any],
-                 manifest: Path | None) -> list[Any]:
+                 manifest: str | None) -> list[Any]:
     """Run `work(station, device, progress)` for each device, in parallel (station mode)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1078,7 +1082,7 @@ def _run_devices(c: Context, chip: str, specs: list[dict[str, Any]], baud: int,
                              "error": r.diagnostics(), "seconds": 0, "device": spec["name"]})
             else:
                 rows.append(r.manifest_row())
-        _write_manifest(manifest, rows)
+        _write_manifest(Path(manifest), rows)
     return results
 
 

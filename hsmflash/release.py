@@ -78,7 +78,7 @@ def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str
         signer = st.signer(key)
         if scheme == SBV2:
             out = signing.sign_sbv2(image, signer, chip, append=append, name=name)
-            count = len(inspect_image(out, chip, name).sbv2_blocks)
+            count = len(info.sbv2_blocks) + 1
         else:
             out = signing.sign_sbv1(image, signer, name=name)
             count = 1
