@@ -70,12 +70,19 @@ class Context:
     debug: bool = False
     _policy: Policy | None = field(default=None, repr=False)
     pin_requests: int = 0
+    _pin: str | None = field(default=None, repr=False)
 
     # -- PIN --------------------------------------------------------------------------
     def pin_handler(self, prompt: str) -> str:
         """PIN from HSMFLASH_PIN, --pin-file or an interactive prompt (never argv, never
-        retried)."""
+        retried). Kept in memory for this command only, so a prompt is shown once."""
         self.pin_requests += 1
+        if self._pin is not None:
+            return self._pin
+        self._pin = self._read_pin(prompt)
+        return self._pin
+
+    def _read_pin(self, prompt: str) -> str:
         env = os.environ.get("HSMFLASH_PIN")
         if env:
             return env
@@ -588,18 +595,35 @@ def digest_bootloader_cmd(
 def derive_cmd(
     ctx: typer.Context,
     master: Annotated[str, typer.Option("--master", help="aes-256 master key (CKA_DERIVE).")],
-    device: Annotated[str, typer.Option("--device", help="Device base MAC aa:bb:cc:dd:ee:ff.")],
+    device: Annotated[str | None, typer.Option("--device", help="Device base MAC "
+                                               "aa:bb:cc:dd:ee:ff.")] = None,
     purpose: Annotated[str, typer.Option("--purpose", help="XTS_AES_128_KEY, XTS_AES_256_KEY, "
                                          "FLASH_ENCRYPTION, SECURE_BOOT_V1, ...")] =
         "XTS_AES_128_KEY",
+    devices: Annotated[str | None, typer.Option(
+        "--devices", help="Batch: CSV of MACs; writes a KCV manifest (-o).")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Batch: KCV manifest "
+                                               "CSV to write (mac,purpose,kcv).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Batch: worker processes (0: one "
+                                         "per CPU for large lots).")] = 0,
 ) -> None:
-    """Derive a device's key inside the token (aes-ecb-v1) and print its KCV, never the key."""
+    """Derive a device's key inside the token (aes-ecb-v1) and print its KCV, never the key.
+
+    With --devices, derive a whole lot and write its KCV manifest (audited as one batch).
+    """
     from hsmflash.kdf import format_mac, key_length, parse_mac
     from hsmflash.perdevice import derive_kcv
 
     c = ctx_of(ctx)
-    mac = parse_mac(device)
     key_length(purpose)
+    if devices is not None:
+        if output is None:
+            raise UsageError("--devices needs -o/--output for the KCV manifest")
+        _derive_batch(c, master, purpose, devices, output, workers)
+        return
+    if device is None:
+        raise UsageError("give --device MAC, or --devices CSV -o OUT")
+    mac = parse_mac(device)
     with c.station() as st:
         kcv = derive_kcv(st, st.key(master), mac, purpose)
     c.emit({"device": format_mac(mac), "purpose": purpose, "master": master, "kcv": kcv,
@@ -1201,3 +1225,54 @@ def flash_cmd(
 
     results = _run_devices(c, chip, specs, baud, work, manifest)
     _finish_devices(c, specs, results, "flash")
+
+
+def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,
+                  workers: int) -> None:
+    import hashlib
+    import time
+
+    from hsmflash.fileio import atomic_write
+    from hsmflash.kdf import format_mac
+    from hsmflash.perdevice import read_device_csv
+    from hsmflash.rawderive import RawDeriver, kcvs_in_workers
+
+    macs = read_device_csv(devices)
+    limit = c.policy.limits.max_devices_per_batch
+    if len(macs) > limit:
+        from hsmflash.errors import PolicyRefused
+
+        raise PolicyRefused(f"{devices}: {len(macs)} devices exceed the policy's "
+                            f"max_devices_per_batch ({limit})")
+    if workers <= 0:
+        workers = min(os.cpu_count() or 1, 4) if len(macs) >= 20000 else 1
+    list_sha = hashlib.sha256(b"".join(macs)).hexdigest()
+    started = time.perf_counter()
+    with c.station() as st:
+        mkey = st.key(master)
+        if mkey.type != "aes-256" or "derive" not in mkey.usage:
+            raise TokenError(f"master key {master!r} must be aes-256 with CKA_DERIVE")
+
+        def check() -> None:
+            if st.policy.chips:
+                st.policy.check_master(mkey.name)
+
+        with st.use("derive.batch", mkey, subject={"devices": len(macs), "list_sha256": list_sha},
+                    detail={"purpose": purpose, "source": devices}, check=check) as out:
+            if workers > 1:
+                kcvs = kcvs_in_workers(st.config.module_path, st.config.label,
+                                       c.pin_handler(""), mkey.name, purpose, macs, workers)
+            else:
+                raw = RawDeriver(st.config.module_path, st.session, mkey.primary)
+                kcvs = [raw.kcv(m, purpose) for m in macs]
+            lines = ["mac,purpose,kcv"] + [f"{format_mac(m)},{purpose},{k}"
+                                           for m, k in zip(macs, kcvs, strict=True)]
+            manifest = ("\n".join(lines) + "\n").encode()
+            atomic_write(output, manifest)
+            out.update({"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+                        "workers": workers})
+    seconds = time.perf_counter() - started
+    c.emit({"devices": len(macs), "purpose": purpose, "output": output, "workers": workers,
+            "seconds": round(seconds, 3)},
+           f"{len(macs)} device keys derived ({purpose}), KCVs in {output} "
+           f"({len(macs) / max(seconds, 1e-9):.0f}/s)")

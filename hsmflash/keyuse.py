@@ -113,7 +113,7 @@ class DerivedKey:
         self.objects = []
 
 
-def _split_for(purpose: str) -> list[int]:
+def split_for_purpose(purpose: str) -> list[int]:
     """How many X_i blocks go into each token object for a purpose."""
     n = kdf.key_length(purpose) // 16
     if purpose in ("XTS_AES_128_KEY", "XTS_AES_256_KEY", "NVS_KEYS"):
@@ -302,7 +302,7 @@ class Station:
         objects = []
         i = 0
         try:
-            for n in _split_for(purpose):
+            for n in split_for_purpose(purpose):
                 data = b"".join(blocks[i:i + n])
                 i += n
                 objects.append(master.primary.derive_key(

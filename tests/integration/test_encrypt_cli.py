@@ -231,3 +231,21 @@ def test_batch_is_resumable(cli, tmp_path, uniq):
     r = cli("encrypt", src, "--chip", "esp32s3", "--address", "0x10000", "--master",
             f"{uniq}-m", "--devices", bad, "--out-dir", tmp_path / "o2")
     assert r.code == 3 and "line 3" in r.err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_batch_derive_manifest_matches_vectors(cli, tmp_path, uniq, workers):
+    """The C-API batch path (and its worker processes) gives the spec's KCVs."""
+    master_hex = VECTORS[0]["master"]
+    _import_master(cli, f"{uniq}-m", master_hex, tmp_path)
+    want = {v["device"]: v["kcv"] for v in VECTORS
+            if v["master"] == master_hex and v["purpose"] == "XTS_AES_128_KEY"}
+    csv = tmp_path / "lot.csv"
+    csv.write_text("mac\n" + "\n".join(want) + "\n")
+    out = tmp_path / "kcvs.csv"
+    r = cli("derive", "--master", f"{uniq}-m", "--devices", csv, "-o", out, "--workers", workers)
+    assert r.code == 0, r.output
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    assert {mac: kcv for mac, _purpose, kcv in rows} == want
+    log = Path(os.environ["HSMFLASH_AUDIT_LOG"]).read_text()
+    assert '"op":"derive.batch"' in log
