@@ -9,9 +9,10 @@ software figures can be checked against the token's KCVs. Rates, per device (= 2
   what-if        the library path with TokenKey.usage read once (a recommended change)
   library+audit  perdevice.derive_kcv (`hsmflash derive`: Station.use, 2 fsync'd records)
   python-pkcs11  derive_key x2 + destroy x2 with hsmflash's template (the binding's floor)
-  C calls        the same C_DeriveKey/C_DestroyObject (+ KCV C_Encrypt) through ctypes on the
-                 session python-pkcs11 opened: SoftHSM's own floor, no per-object Python
-  session master the C floor with the master as a session object (what a token object costs)
+  batch path     hsmflash.rawderive (`derive --devices`): the same C_DeriveKey / KCV
+                 C_Encrypt / C_DestroyObject through the C API on the session python-pkcs11
+                 opened, no per-object Python class; also with a session-object master
+  derive --devices  the whole process on a lot, with 1 and 2 worker processes
 There is no espsecure equivalent; the named peer is `cryptography` doing the same aes-ecb-v1
 computation (SHA-256, AES-ECB under M, the two KCVs) in memory. Target: >= 5,000/s.
 Each rate is the median over --rounds interleaved rounds.
@@ -20,11 +21,11 @@ Each rate is the median over --rounds interleaved rounds.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import secrets
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -80,75 +81,6 @@ def software_peer(master: bytes, macs: list[bytes]) -> list[str]:
     return out
 
 
-# -- a thin ctypes view of the same module, for the C-call floor -----------------------------
-class _Mechanism(ctypes.Structure):
-    _fields_ = (("mechanism", ctypes.c_ulong), ("parameter", ctypes.c_void_p),
-                ("parameter_len", ctypes.c_ulong))
-
-
-class _DerivationString(ctypes.Structure):
-    _fields_ = (("data", ctypes.c_char_p), ("length", ctypes.c_ulong))
-
-
-class _Attribute(ctypes.Structure):
-    _fields_ = (("type", ctypes.c_ulong), ("value", ctypes.c_void_p),
-                ("value_len", ctypes.c_ulong))
-
-
-class CFloor:
-    """C_DeriveKey / C_EncryptInit+C_Encrypt / C_DestroyObject straight into the module, on a
-    session (and login) that python-pkcs11 opened in this process. The template is the one
-    `Station.derive` passes, plus CLASS/KEY_TYPE/VALUE_LEN as python-pkcs11 adds them."""
-
-    def __init__(self, module: str, session: Any) -> None:
-        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-
-        self.lib = ctypes.CDLL(module)  # the already-loaded library: same instance and login
-        self.session = ctypes.c_ulong(session.handle)
-        bools = {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                 Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.DERIVE: False,
-                 Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.SIGN: False,
-                 Attribute.VERIFY: False}
-        ulongs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-                  Attribute.VALUE_LEN: 16}
-        self._keep: list[Any] = []
-        items: list[tuple[int, Any]] = [(int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
-        items += [(int(a), ctypes.c_ulong(int(v))) for a, v in ulongs.items()]
-        self.template = (_Attribute * len(items))()
-        for i, (attr, buf) in enumerate(items):
-            self._keep.append(buf)
-            self.template[i] = _Attribute(attr, ctypes.cast(ctypes.pointer(buf), ctypes.c_void_p),
-                                          ctypes.sizeof(buf))
-        self.derive_mech = int(Mechanism.AES_ECB_ENCRYPT_DATA)
-        self.ecb = _Mechanism(int(Mechanism.AES_ECB), None, 0)
-
-    def run(self, master_handle: int, macs: list[bytes], kcv: bool) -> None:
-        from hsmflash import kdf
-
-        lib, sess, tpl = self.lib, self.session, self.template
-        base = ctypes.c_ulong(master_handle)
-        handle, out, out_len = ctypes.c_ulong(), (ctypes.c_ubyte * 16)(), ctypes.c_ulong()
-        for mac in macs:
-            handles = []
-            for block in kdf.derivation_blocks(mac, PURPOSE):
-                param = _DerivationString(block, 16)
-                mech = _Mechanism(self.derive_mech,
-                                  ctypes.cast(ctypes.pointer(param), ctypes.c_void_p),
-                                  ctypes.sizeof(param))
-                rv = lib.C_DeriveKey(sess, ctypes.byref(mech), base, tpl, len(tpl),
-                                     ctypes.byref(handle))
-                if rv:
-                    raise SystemExit(f"C_DeriveKey failed: {rv:#x}")
-                handles.append(handle.value)
-            if kcv:
-                for h in handles:
-                    out_len.value = 16
-                    if (lib.C_EncryptInit(sess, ctypes.byref(self.ecb), ctypes.c_ulong(h))
-                            or lib.C_Encrypt(sess, ZERO16, 16, out, ctypes.byref(out_len))):
-                        raise SystemExit("C_Encrypt (KCV) failed")
-            for h in handles:
-                lib.C_DestroyObject(sess, ctypes.c_ulong(h))
-
 
 def usage_read_once(key: Any) -> Any:
     """What-if for a recommendation: the same TokenKey, its usage flags read once (as a cached
@@ -170,12 +102,45 @@ def per_call_us(fn: Callable[[], object], n: int = 300) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def cli_batch(count: int) -> None:
+    """Whole process: `hsmflash derive --devices LOT -o KCVS` with 1 and 2 worker processes."""
+    import subprocess
+
+    with throwaway_token() as (tmp, pin):
+        key = tmp / "master.bin"
+        key.write_bytes(os.urandom(32))
+        env = {**os.environ, "HSMFLASH_TOKEN": TOKEN_LABEL, "HSMFLASH_PIN": pin,
+               "HSMFLASH_AUDIT_LOG": str(tmp / "audit.jsonl")}
+        hs = str(Path(sys.executable).parent / "hsmflash")
+        subprocess.run([hs, "keys", "import", MASTER, "--type", "aes-256", "--usage", "derive",
+                        "--file", str(key)], env=env, check=True, capture_output=True)
+        lot = tmp / "lot.csv"
+        lot.write_text("mac\n" + "\n".join(kdf_mac(i) for i in range(count)) + "\n")
+        for workers in (1, 2):
+            start = time.perf_counter()
+            subprocess.run([hs, "derive", "--master", MASTER, "--devices", str(lot), "-o",
+                            str(tmp / f"kcvs{workers}.csv"), "--workers", str(workers)],
+                           env=env, check=True, capture_output=True)
+            seconds = time.perf_counter() - start
+            verdict = "ok" if count / seconds >= TARGET else "MISSED"
+            print(f"derive --devices ({count} devices, {workers} worker(s), whole process): "
+                  f"{count / seconds:.0f}/s; target >= {TARGET:.0f}/s: {verdict}")
+        if (tmp / "kcvs1.csv").read_bytes() != (tmp / "kcvs2.csv").read_bytes():
+            raise SystemExit("worker processes gave different KCVs")
+
+
+def kdf_mac(i: int) -> str:
+    return "24:0a:" + ":".join(f"{b:02x}" for b in i.to_bytes(4, "big"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2000, help="MACs per round (2000)")
     parser.add_argument("--audited", type=int, default=500,
                         help="MACs per round on the audited path (500; 2 fsyncs each)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--cli-devices", type=int, default=40000,
+                        help="lot size for the whole-process `hsmflash derive --devices` runs")
     args = parser.parse_args()
     macs = device_macs(args.devices)
     audited_macs = macs[:args.audited]
@@ -189,6 +154,7 @@ def main() -> None:
         from hsmflash.keyuse import Station
         from hsmflash.perdevice import derive_kcv
         from hsmflash.policy import unrestricted_policy
+        from hsmflash.rawderive import RawDeriver
         from hsmflash.token import TokenConfig, find_module
 
         config = TokenConfig(token_label=TOKEN_LABEL, pin_handler=lambda _prompt: pin)
@@ -201,7 +167,8 @@ def main() -> None:
                 KeyType.AES, 256, store=False,
                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                           Attribute.DERIVE: True, Attribute.ENCRYPT: False})
-            floor = CFloor(find_module(None), st.session)
+            raw = RawDeriver(find_module(None), st.session, master.primary)
+            raw_session_master = RawDeriver(find_module(None), st.session, session_master)
             template = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
                         Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True,
                         Attribute.DECRYPT: True, Attribute.DERIVE: False, Attribute.WRAP: False,
@@ -237,6 +204,8 @@ def main() -> None:
             token_kcvs = [derive_kcv(st, master, mac, PURPOSE) for mac in check]
             if token_kcvs != software_peer(master_bytes, check):
                 raise SystemExit("token KCVs differ from the software aes-ecb-v1 computation")
+            if [raw.kcv(m, PURPOSE) for m in check] != token_kcvs:
+                raise SystemExit("the batch path's KCVs differ from Station.derive's")
 
             n, na = len(macs), len(audited_macs)
             cases: dict[str, tuple[Callable[[], object], int]] = {
@@ -246,12 +215,10 @@ def main() -> None:
                 "  what-if: library, usage read once": (library_usage_cached, n),
                 "library+audit: perdevice.derive_kcv": (library_audited, na),
                 "python-pkcs11 floor: derive_key+destroy": (python_pkcs11, n),
-                "C calls: C_DeriveKey+C_Destroy": (
-                    lambda: floor.run(master.primary.handle, macs, kcv=False), n),
-                "C calls: + KCV C_Encrypt (= library work)": (
-                    lambda: floor.run(master.primary.handle, macs, kcv=True), n),
-                "C calls, session-object master, + KCV": (
-                    lambda: floor.run(session_master.handle, macs, kcv=True), n),
+                "batch path: rawderive (C API) + KCVs": (
+                    lambda: [raw.kcv(m, PURPOSE) for m in macs], n),
+                "  what-if: batch path, session-object master": (
+                    lambda: [raw_session_master.kcv(m, PURPOSE) for m in macs], n),
             }
             rates: dict[str, list[float]] = {name: [] for name in cases}
             for _ in range(args.rounds):
@@ -285,11 +252,11 @@ def main() -> None:
           f"(ratio {lib_rate / peer:.3f}); target >= {TARGET:.0f}/s: {verdict}")
     print(f"derive (audited, hsmflash derive path): "
           f"{med['library+audit: perdevice.derive_kcv']:.0f}/s")
-    print(f"derive floors: python-pkcs11 {med['python-pkcs11 floor: derive_key+destroy']:.0f}/s, "
-          f"C calls {med['C calls: + KCV C_Encrypt (= library work)']:.0f}/s with KCVs "
-          f"(token master), {med['C calls, session-object master, + KCV']:.0f}/s "
-          "(session master)")
-
+    print(f"derive floor: python-pkcs11 {med['python-pkcs11 floor: derive_key+destroy']:.0f}/s")
+    batch = med["batch path: rawderive (C API) + KCVs"]
+    print(f"derive (batch path, one process): {batch:.0f}/s vs software peer {peer:.0f}/s; "
+          f"target >= {TARGET:.0f}/s: {'ok' if batch >= TARGET else 'MISSED'}")
+    cli_batch(args.cli_devices)
 
 if __name__ == "__main__":
     main()
