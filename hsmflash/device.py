@@ -26,6 +26,7 @@ from typing import Any
 
 from hsmflash.chips import Chip, get_chip
 from hsmflash.errors import DeviceError, Error, InputError
+from hsmflash.kdf import check_device_id, format_mac
 
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
 _ERASED = b"\xff"
@@ -60,46 +61,16 @@ class Identity:
         return format_mac(self.mac)
 
 
-def format_mac(mac: bytes) -> str:
-    """`aa:bb:cc:dd:ee:ff` for a 6-byte MAC."""
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def parse_mac(text: str) -> bytes:
-    """Parse `aa:bb:cc:dd:ee:ff` (or `-`/no separators) into 6 bytes.
-
-    Raises:
-        InputError: not 6 hexadecimal bytes.
-    """
-    digits = text.strip().replace(":", "").replace("-", "")
-    try:
-        mac = bytes.fromhex(digits)
-    except ValueError:
-        mac = b""
-    if len(mac) != 6:
-        raise InputError(f"MAC {text!r} is not 6 hexadecimal bytes (aa:bb:cc:dd:ee:ff)")
-    return mac
-
-
 def check_unique_mac(mac: bytes) -> None:
     """Refuse a MAC that cannot name one chip: per-device keys are derived from it.
 
     Raises:
         DeviceError: the MAC is not 6 bytes, all-zero, all-ones or multicast.
     """
-    if len(mac) != 6:
-        raise DeviceError(f"MAC {mac.hex()} is {len(mac)} bytes, not 6")
-    text = format_mac(mac)
-    if mac == bytes(6):
-        raise DeviceError(f"MAC {text} is all-zero: every such chip would share keys")
-    if mac == b"\xff" * 6:
-        raise DeviceError(
-            f"MAC {text} is all-ones (blank eFuses?): every such chip would share keys"
-        )
-    if mac[0] & 0x01:
-        raise DeviceError(
-            f"MAC {text} is a multicast address, not a chip's base MAC: refusing to use it"
-        )
+    try:
+        check_device_id(mac)
+    except InputError as e:
+        raise DeviceError(e.diagnostics()) from None
 
 
 @contextlib.contextmanager

@@ -52,12 +52,14 @@ def check_device_id(mac: bytes) -> None:
     """
     if len(mac) != 6:
         raise InputError(f"device id must be a 6-byte MAC, got {len(mac)} bytes")
-    if mac == bytes(6) or mac == b"\xff" * 6:
-        raise InputError(f"device MAC {format_mac(mac)} is not unique: every such chip would "
-                         "share keys")
+    text = format_mac(mac)
+    if mac == bytes(6):
+        raise InputError(f"device MAC {text} is all-zero: every such chip would share keys")
+    if mac == b"\xff" * 6:
+        raise InputError(f"device MAC {text} is all-ones (blank eFuses?): every such chip "
+                         "would share keys")
     if mac[0] & 1:
-        raise InputError(f"device MAC {format_mac(mac)} is a multicast address, not a chip's "
-                         "base MAC")
+        raise InputError(f"device MAC {text} is a multicast address, not a chip's base MAC")
 
 
 def format_mac(mac: bytes) -> str:

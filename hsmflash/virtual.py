@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hsmflash.chips import Chip, get_chip
-from hsmflash.device import Revision, espressif_call, format_mac, read_base_mac
+from hsmflash.device import Revision, espressif_call, read_base_mac
 from hsmflash.errors import InputError
+from hsmflash.kdf import format_mac
 
 
 def _crc8_esp32(data: bytes) -> int:
