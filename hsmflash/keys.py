@@ -16,7 +16,6 @@ import pkcs11.exceptions as p11x
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsmflash.errors import InputError, TokenError
 from hsmflash.primitives import PublicKey
@@ -54,6 +53,17 @@ _CURVES: dict[str, tuple[str, ec.EllipticCurve]] = {
     "ec-p256": ("secp256r1", ec.SECP256R1()),
     "ec-p384": ("secp384r1", ec.SECP384R1()),
 }
+# DER-encoded ECParameters (namedCurve OIDs), as CKA_EC_PARAMS holds them
+_EC_PARAMS = {
+    "secp256r1": bytes.fromhex("06082a8648ce3d030107"),  # 1.2.840.10045.3.1.7
+    "secp384r1": bytes.fromhex("06052b81040022"),  # 1.3.132.0.34
+}
+
+
+def encode_named_curve_parameters(curve: str) -> bytes:
+    return _EC_PARAMS[curve]
+
+
 _AES_BITS = {"aes-128": 128, "aes-256": 256, "xts-aes-128": 128, "xts-aes-256": 256}
 XTS_PARTS = (".k1", ".k2")
 AUDIT_HEAD_LABEL = "hsmflash-audit-head"
