@@ -1058,52 +1058,32 @@ class _Table:
             sys.stderr.flush()
 
 
-def _run_devices(c: Context, chip: str, specs: list[dict[str, Any]], baud: int,
-                 work: Callable[[Any, Any, Callable[[str], None]], Any],
-                 manifest: str | None) -> list[Any]:
-    """Run `work(station, device, progress)` for each device, in parallel (station mode)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hsmflash.device import open_device
+def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
+                 images: list[Any], dry_run: bool, manifest: str | None) -> list[Any]:
+    """Provision or re-flash each device; several run in parallel worker processes."""
+    from hsmflash.station import DeviceJob, run_jobs
 
     table = _Table([s["name"] for s in specs], enabled=not c.json)
-    pin_cache: list[str] = []
-
-    def cached_pin(prompt: str) -> str:
-        with table.lock:
-            if not pin_cache:
-                pin_cache.append(c.pin_handler(prompt))
-            return pin_cache[0]
-
-    def one(spec: dict[str, Any]) -> Any:
-        name = spec["name"]
-        cfg = c.token_config()
-        cfg.pin_handler = cached_pin
-        try:
-            with Station.open(cfg, c.policy, c.audit_log) as st, open_device(
-                chip, port=spec.get("port"), efuse_file=spec.get("efuse_file"),
-                flash_file=spec.get("flash_file"),
-                flash_size=c.policy.profile(chip).flash_size, baud=baud,
-            ) as device:
-                result = work(st, device, lambda text: table.update(name, text))
-            table.update(name, result.result)
-            return result
-        except Error as e:
-            table.update(name, f"FAILED: {e.diagnostics()}")
-            return e
-
-    if len(specs) == 1:
-        results = [one(specs[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(specs), 16)) as pool:
-            results = list(pool.map(one, specs))
+    cfg = c.token_config()
+    pin = c.pin_handler(f"User PIN for token {cfg.label!r}: ")
+    jobs = [DeviceJob(kind=kind, chip=chip, name=s["name"], policy_path=c.policy.path,
+                      audit_log=str(c.audit_log), module=cfg.module, token=cfg.token_label,
+                      pin=pin, images=images, dry_run=dry_run, port=s.get("port"),
+                      efuse_file=str(s["efuse_file"]) if s.get("efuse_file") else None,
+                      flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
+                      baud=baud)
+            for s in specs]
+    results = run_jobs(jobs, table.update)
+    for spec, r in zip(specs, results, strict=True):
+        table.update(spec["name"], f"FAILED: {r.diagnostics()}" if isinstance(r, Error)
+                     else r.result)
     if manifest is not None:
         rows = []
         for spec, r in zip(specs, results, strict=True):
             if isinstance(r, Error):
                 rows.append({"time": "", "mac": "", "chip": chip, "revision": "", "fe_kcv": "",
                              "sb_kcv": "", "images": [], "result": "failed",
-                             "error": r.diagnostics(), "seconds": 0, "device": spec["name"]})
+                             "error": f"{spec['name']}: {r.diagnostics()}", "seconds": 0})
             else:
                 rows.append(r.manifest_row())
         _write_manifest(Path(manifest), rows)
@@ -1172,10 +1152,7 @@ def provision_cmd(
     with c.station() as st:
         provisioner_for(st, chip, images)
 
-    def work(st: Station, device: Any, progress: Callable[[str], None]) -> Any:
-        return provisioner_for(st, chip, images, progress).provision(device, dry_run=dry_run)
-
-    results = _run_devices(c, chip, specs, baud, work, manifest)
+    results = _run_devices(c, "provision", chip, specs, baud, images, dry_run, manifest)
     _finish_devices(c, specs, results, "provision")
 
 
@@ -1219,11 +1196,7 @@ def flash_cmd(
     with c.station() as st:
         Reflasher(st, st.policy, get_chip(chip), images)
 
-    def work(st: Station, device: Any, progress: Callable[[str], None]) -> Any:
-        return Reflasher(st, st.policy, get_chip(chip), images, progress).reflash(
-            device, dry_run=dry_run)
-
-    results = _run_devices(c, chip, specs, baud, work, manifest)
+    results = _run_devices(c, "flash", chip, specs, baud, images, dry_run, manifest)
     _finish_devices(c, specs, results, "flash")
 
 

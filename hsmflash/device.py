@@ -15,6 +15,7 @@ espefuse runs inside `espressif_call`, which keeps their console output away fro
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -292,6 +293,19 @@ def read_base_mac(esp: Any) -> bytes:
     return bytes((high_word & 0xFFFF).to_bytes(2, "big") + low_word.to_bytes(4, "big"))
 
 
+@functools.cache
+def _blank_efuse_size(chip: str) -> int:
+    """The size of the eFuse file espefuse's emulator writes for `chip`."""
+    import importlib
+    import tempfile
+
+    module = importlib.import_module(f"espefuse.efuse.{chip}.emulate_efuse_controller")
+    with tempfile.TemporaryDirectory() as tmp, espressif_call(f"sizing {chip} eFuses"):
+        path = Path(tmp) / "blank.bin"
+        module.EmulateEfuseController(str(path))
+        return path.stat().st_size if path.exists() else -1
+
+
 def _ensure_flash_file(flash_file: Path, size: int) -> None:
     if size <= 0 or size % 4096:
         raise InputError(
@@ -337,6 +351,12 @@ def open_virtual(
         raise InputError(
             f"virtual eFuse file {efuse_file} does not exist (create it with a MAC first)"
         )
+    expected = _blank_efuse_size(chip_obj.name)
+    actual = efuse_file.stat().st_size
+    if actual != expected:
+        # espefuse's emulator would silently grow another chip's file into a blank chip
+        raise DeviceError(f"virtual eFuse file {efuse_file} is {actual} bytes, not an "
+                          f"{chip_obj.name} eFuse file ({expected} bytes): wrong chip")
     _ensure_flash_file(flash_file, flash_size)
 
     from espefuse import init_commands

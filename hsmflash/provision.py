@@ -275,14 +275,7 @@ class Provisioner:
         if self.profile.revisions and rev.major not in self.profile.revisions:
             raise PolicyRefused(f"{self.chip.name} {rev} is not covered by policy "
                                 f"{self.policy.name!r} (revisions {list(self.profile.revisions)})")
-        if self.profile.secure_boot and self.profile.secure_boot.scheme == SBV1 \
-                and rev.major >= 3 and not self.profile.revisions:
-            pass  # SBv1 still works on ECO3; V2 is better there, but the policy decides
-        try:
-            kdf.check_device_id(ident.mac)
-        except InputError as e:
-            raise DeviceError(str(e)) from None
-        return ident.mac, str(rev)
+        return ident.mac, str(rev)  # device.identify refused non-unique MACs
 
     # -- planning ---------------------------------------------------------------------------
     def _fe_blocks(self, scheme: str) -> list[tuple[str, str | None]]:
@@ -313,7 +306,7 @@ class Provisioner:
         try:
             plan.fe_kcv = derived.kcv
             plan.fe_state = self._key_state(device, state, plan.fe_blocks, purpose, derived)
-            if plan.fe_state == "in-place-unverified":
+            if any(state.key_blocks[b].read_protected for b, _ in plan.fe_blocks):
                 self._known_plaintext_check(device, mac, derived, scheme)
         finally:
             derived.destroy()
@@ -338,13 +331,15 @@ class Provisioner:
                     block = free[i]
                     dpurpose = f"SECURE_BOOT_DIGEST{i}"
                     blk = state.key_blocks[block]
-                    if blk.used:
-                        if blk.purpose != dpurpose or blk.data != digest:
-                            raise DeviceError(
-                                f"{block} already holds {blk.purpose or 'data'} that is not the "
-                                f"digest of {sb.keys[i]!r}: device was provisioned under "
-                                "another policy")
-                    else:
+                    if blk.used and (blk.purpose not in (dpurpose, "USER")
+                                     or (any(blk.data) and blk.data != digest)):
+                        raise DeviceError(
+                            f"{block} already holds {blk.purpose or 'data'} that is not the "
+                            f"digest of {sb.keys[i]!r}: device was provisioned under "
+                            "another policy")
+                    if not (blk.purpose == dpurpose and blk.data == digest
+                            and blk.write_protected and blk.purpose_write_protected):
+                        # blank, or killed inside the burn: burning again adds what is missing
                         plan.sb_burns.append((block, dpurpose, f"SBv2 digest of {sb.keys[i]}"))
                 plan.sb_kcv = ",".join(signing.sbv2_public_key_digest(p).hex()[:16]
                                        for p in self.sb_public)
@@ -360,19 +355,33 @@ class Provisioner:
     def _key_state(self, device: Device, state: hz.EfuseState,
                    blocks: list[tuple[str, str | None]], purpose: str,
                    derived: DerivedKey) -> str:
-        """burn | in-place | in-place-unverified; DeviceError when another key is there."""
+        """burn | in-place | in-place-unverified; DeviceError when another key is there.
+
+        "burn" also when this device's key is there but its purpose or protection bits are
+        not (a run killed inside the burn): burning again adds only what is missing.
+        """
         kcvs = derived.kcvs()
+        protect = not self.profile.readable_keys
         found = []
         for i, (block, bpurpose) in enumerate(blocks):
             blk = state.key_blocks[block]
             if not blk.used and not blk.read_protected:
                 found.append("empty")
                 continue
-            if bpurpose is not None and blk.purpose != bpurpose:
+            if bpurpose is not None and blk.purpose not in (bpurpose, "USER"):
                 raise DeviceError(f"{block} has key purpose {blk.purpose}, policy needs "
                                   f"{bpurpose}: device was provisioned differently")
+            if blk.read_protected and not protect:
+                raise DeviceError(f"{block} is read-protected, policy {self.policy.name!r} "
+                                  "keeps keys readable: device was provisioned differently")
+            complete = (blk.write_protected and blk.read_protected == protect
+                        and (bpurpose is None or (blk.purpose == bpurpose
+                                                  and blk.purpose_write_protected)))
             if blk.read_protected:
-                found.append("unverified")
+                found.append("unverified" if complete else "partial")
+                continue
+            if not any(blk.data):
+                found.append("partial")  # purpose or protection burned before the data
                 continue
             key = hz.stored_key_order(device, block, bpurpose, bytes(blk.data))
             parts = _halves(key, purpose) if len(blocks) == 1 else [key]
@@ -380,13 +389,11 @@ class Provisioner:
             if [_sw_kcv(p) for p in parts] != want:
                 raise DeviceError(f"{block} already holds a different key: device was "
                                   "provisioned with another master key or policy")
-            found.append("ok")
-        if all(f == "empty" for f in found):
-            return "burn"
+            found.append("ok" if complete else "partial")
+        if "empty" in found or "partial" in found:
+            return "burn"  # blank, or partially burned (killed mid-burn, XTS-256 pair): finish
         if all(f == "ok" for f in found):
             return "in-place"
-        if "empty" in found:
-            return "burn"  # partially burned (XTS-256 pair): finish it
         return "in-place-unverified"
 
     def _known_plaintext_check(self, device: Device, mac: bytes, derived: DerivedKey,

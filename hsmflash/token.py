@@ -8,6 +8,7 @@ or a prompt); this module never prompts and never retries a wrong PIN.
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,6 +157,19 @@ class TokenConfig:
             TokenError: no token, or several tokens, carry the label.
         """
         lib = self.lib()
+        for attempt in range(3):
+            try:
+                return lib.get_token(token_label=self.label)
+            except p11x.NoSuchToken:
+                # SoftHSM can miss a token whose files another process is rewriting
+                if attempt < 2:
+                    time.sleep(0.1 * (attempt + 1))
+                    continue
+                break
+            except p11x.MultipleTokensReturned:
+                raise TokenError(f"several tokens are labelled {self.label!r}") from None
+            except p11x.PKCS11Error as e:
+                raise wrap_pkcs11(e, f"token {self.label!r}") from e
         try:
             return lib.get_token(token_label=self.label)
         except p11x.NoSuchToken:

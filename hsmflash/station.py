@@ -1,0 +1,113 @@
+"""Station mode: provision or re-flash several devices at once, one process per device.
+
+Processes, not threads: python-pkcs11 initialises the module without locking (so concurrent
+calls from threads are unsafe in SoftHSM and many HSM libraries), and closing a logged-in
+session logs the whole process out. Each worker process opens its own Station (session, login,
+audit log appends under the log's file lock) and its own device; progress comes back over a
+queue, results (or the hsmflash error) as return values. Workers are spawned, never forked:
+PKCS#11 state must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsmflash.errors import Error, InternalError
+
+
+@dataclass(frozen=True)
+class DeviceJob:
+    """Everything a worker needs; picklable (the PIN travels over a pipe, never argv)."""
+
+    kind: str  # "provision" | "flash"
+    chip: str
+    name: str
+    policy_path: str
+    audit_log: str
+    module: str | None
+    token: str | None
+    pin: str = field(repr=False)
+    images: list[Any] = field(repr=False)
+    dry_run: bool = False
+    port: str | None = None
+    efuse_file: str | None = None
+    flash_file: str | None = None
+    baud: int = 460800
+
+
+def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
+    """Provision or re-flash one device; returns its DeviceResult or the hsmflash Error."""
+    from hsmflash.chips import get_chip
+    from hsmflash.device import open_device
+    from hsmflash.keyuse import Station
+    from hsmflash.policy import load_policy
+    from hsmflash.provision import Provisioner
+    from hsmflash.reflash import Reflasher
+    from hsmflash.token import TokenConfig
+
+    try:
+        policy = load_policy(job.policy_path)
+        cfg = TokenConfig(module=job.module, token_label=job.token or policy.token_label,
+                          pin_handler=lambda _prompt: job.pin)
+        chip = get_chip(job.chip)
+        with Station.open(cfg, policy, job.audit_log) as st, open_device(
+            job.chip, port=job.port,
+            efuse_file=Path(job.efuse_file) if job.efuse_file else None,
+            flash_file=Path(job.flash_file) if job.flash_file else None,
+            flash_size=policy.profile(job.chip).flash_size, baud=job.baud,
+        ) as device:
+            if job.kind == "flash":
+                return Reflasher(st, policy, chip, job.images, progress).reflash(
+                    device, dry_run=job.dry_run)
+            return Provisioner(st, policy, chip, job.images, progress).provision(
+                device, dry_run=job.dry_run)
+    except Error as e:
+        return e
+
+
+def _worker(job: DeviceJob, queue: Any) -> Any:
+    return run_job(job, lambda text: queue.put((job.name, text)))
+
+
+def run_jobs(jobs: list[DeviceJob], progress: Callable[[str, str], None]) -> list[Any]:
+    """Run jobs in parallel worker processes (one job: in this process).
+
+    `progress(name, text)` is called from a thread of this process.
+    """
+    if len(jobs) == 1:
+        job = jobs[0]
+        return [run_job(job, lambda text: progress(job.name, text))]
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+
+        def pump() -> None:
+            while True:
+                item = queue.get()
+                if item is None:
+                    return
+                progress(*item)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        results: list[Any] = []
+        try:
+            with ProcessPoolExecutor(min(len(jobs), 16), mp_context=ctx) as pool:
+                futures = [pool.submit(_worker, job, queue) for job in jobs]
+                for job, future in zip(jobs, futures, strict=True):
+                    try:
+                        results.append(future.result())
+                    except Exception as e:
+                        results.append(InternalError(f"{job.name}: worker process failed "
+                                                     f"({type(e).__name__})"))
+        finally:
+            queue.put(None)
+            reader.join(timeout=5)
+    return results
