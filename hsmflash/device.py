@@ -369,7 +369,22 @@ def open_virtual(
             do_not_confirm=True,
         )
         commands.efuses.postpone = True  # as espefuse's CLI: protection bits burn last
+    _save_atomically(commands.esp, efuse_file)
     return VirtualDevice(chip_obj, commands, efuse_file, flash_file, flash_size)
+
+
+def _save_atomically(emulator: Any, efuse_file: Path) -> None:
+    """espefuse's emulator truncates and rewrites its file on every register write; a process
+    killed there would leave a blank chip, which real eFuses never become. Save through a temp
+    file and a rename instead (made durable by `efuses_burned`)."""
+
+    def save_to_file() -> None:
+        tmp = efuse_file.with_name(efuse_file.name + ".tmp")
+        with open(tmp, "wb") as f:
+            emulator.mem.tofile(f)
+        os.replace(tmp, efuse_file)
+
+    emulator.save_to_file = save_to_file
 
 
 # ---------------------------------------------------------------------------------------
