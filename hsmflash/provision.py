@@ -414,24 +414,9 @@ class Provisioner:
                 heads.append((img, head))
         if not heads:
             return
-        if scheme == ESP32_AES256:
-            self.policy.check_export("esp32_classic_transient")
-            d = self._derive(mac, "FLASH_ENCRYPTION", "check", exportable=True)
-            try:
-                key = self.st.export(d, "checking the flash of a device with a protected key")
-                self._exported.append({"purpose": "FLASH_ENCRYPTION", "kcv": d.kcv,
-                                       "why": "esp32_classic_transient"})
-                try:
-                    plains = [flashcrypt.esp32_decrypt(head, img.address, key,
-                                                       self.profile.flash_crypt_config)
-                              for img, head in heads]
-                finally:
-                    wipe(key)
-            finally:
-                d.destroy()
-        else:
-            k1, k2 = derived.ciphers()
-            plains = [flashcrypt.xts_decrypt(head, img.address, k1, k2) for img, head in heads]
+        plains = self.device_crypt(mac, [(img.address, head) for img, head in heads],
+                                   decrypt=True, why="checking the flash of a device with a "
+                                   "protected key")
         for (img, _head), plain in zip(heads, plains, strict=True):
             if plain[0] != ESP_IMAGE_MAGIC or plain[12:14] != img.data[12:14]:
                 raise DeviceError(f"flash at {img.address:#x} does not decrypt with this "
@@ -511,9 +496,7 @@ class Provisioner:
                          detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
             plan = self.plan(device, mac, revision)
             out.update({"fe_kcv": plan.fe_kcv, "already_provisioned": plan.done})
-            if self._exported:
-                out["exported"] = self._exported
-                self._exported = []
+            out.update(self._take_exports())
         result = DeviceResult(mac_text, self.chip.name, revision, "planned",
                               fe_kcv=plan.fe_kcv, sb_kcv=plan.sb_kcv, plan=plan.describe())
         result.images = [{"address": f"{w.address:#x}", "source": w.source,
@@ -608,7 +591,6 @@ class Provisioner:
 
     def _ciphertext(self, mac: bytes, img: ImageSpec, write: FlashWrite) -> bytes:
         """Encrypt one image for this device and address, keys in the token."""
-        scheme = self.profile.flash_encryption
         if write.address == SBV1_DIGEST_ADDRESS and self._is_sbv1_bootloader(img):
             sbk = self._derive(mac, "SECURE_BOOT_V1", "digest")
             try:
@@ -619,22 +601,47 @@ class Provisioner:
         else:
             plain = img.data
         plain = _pad(plain, 32 if self.chip.is_esp32_classic else 16)
+        (out,) = self.device_crypt(mac, [(write.address, plain)], decrypt=False,
+                                   why="ESP32-classic flash encryption")
+        return out
+
+    def _take_exports(self) -> dict[str, Any]:
+        """Transient key exports since the last audit step, for that step's outcome."""
+        taken, self._exported = self._exported, []
+        return {"exported": taken} if taken else {}
+
+    def device_crypt(self, mac: bytes, regions: list[tuple[int, bytes]], *, decrypt: bool,
+                     why: str) -> list[bytes]:
+        """Flash-encrypt (or decrypt) regions as this device's chip does, keys in the token.
+
+        XTS: K1/K2 derived as session objects. ESP32 classic on a token without
+        CKM_XOR_BASE_AND_DATA: the derived key is exported to memory (policy
+        `esp32_classic_transient`; recorded in the enclosing audit step) and wiped.
+
+        Raises:
+            PolicyRefused: the export is not allowed.
+        """
+        scheme = self.profile.flash_encryption
         if scheme == ESP32_AES256:
             self.policy.check_export("esp32_classic_transient")
-            d = self._derive(mac, "FLASH_ENCRYPTION", "encrypt", exportable=True)
+            d = self._derive(mac, "FLASH_ENCRYPTION", why, exportable=True)
             try:
-                key = self.st.export(d, "ESP32-classic flash encryption")
+                key = self.st.export(d, why)
+                self._exported.append({"purpose": "FLASH_ENCRYPTION", "kcv": d.kcv,
+                                       "why": "esp32_classic_transient"})
                 try:
-                    return flashcrypt.esp32_encrypt(plain, write.address, key,
-                                                    self.profile.flash_crypt_config)
+                    fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
+                    return [fn32(data, address, key, self.profile.flash_crypt_config)
+                            for address, data in regions]
                 finally:
                     wipe(key)
             finally:
                 d.destroy()
-        d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], "encrypt")
+        d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], why)
         try:
             k1, k2 = d.ciphers()
-            return flashcrypt.xts_encrypt(plain, write.address, k1, k2)
+            fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
+            return [fn(data, address, k1, k2) for address, data in regions]
         finally:
             d.destroy()
 
@@ -658,9 +665,7 @@ class Provisioner:
                 write.ciphertext = self._ciphertext(mac, img, write)
             for write in plan.flash:
                 write.md5 = hashlib.md5(write.ciphertext).hexdigest()  # noqa: S324 - esptool's
-            if path == "transient-export":
-                out["exported"] = {"purpose": "FLASH_ENCRYPTION", "kcv": plan.fe_kcv,
-                                   "why": "esp32_classic_transient"}
+            out.update(self._take_exports())
             out["ciphertext_md5"] = [w.md5 for w in plan.flash]
 
     def _write_flash(self, device: Device, mac: bytes, plan: Plan,

@@ -16,13 +16,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hsmflash import flashcrypt, kdf, partitions
-from hsmflash.chips import ESP32_AES256, SBV2
+from hsmflash import kdf, partitions
+from hsmflash.chips import SBV2
 from hsmflash.device import Device
 from hsmflash.errors import DeviceError, InputError, PolicyRefused
 from hsmflash.hazmat import efuse as hz
 from hsmflash.images import ESP_IMAGE_MAGIC, read_signature_blocks
-from hsmflash.keyuse import wipe
 from hsmflash.perdevice import PURPOSE_FOR_SCHEME
 from hsmflash.provision import DeviceResult, Plan, Provisioner
 
@@ -39,25 +38,9 @@ class Reflasher(Provisioner):
         return None  # credentials are issued at provisioning, not on re-flash
 
     def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
-        scheme = self.profile.flash_encryption
-        if scheme == ESP32_AES256:
-            self.policy.check_export("esp32_classic_transient")
-            d = self._derive(mac, "FLASH_ENCRYPTION", "check", exportable=True)
-            try:
-                key = self.st.export(d, "reading the device's flash")
-                try:
-                    return flashcrypt.esp32_decrypt(data, address, key,
-                                                    self.profile.flash_crypt_config)
-                finally:
-                    wipe(key)
-            finally:
-                d.destroy()
-        d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], "check")
-        try:
-            k1, k2 = d.ciphers()
-            return flashcrypt.xts_decrypt(data, address, k1, k2)
-        finally:
-            d.destroy()
+        (plain,) = self.device_crypt(mac, [(address, data)], decrypt=True,
+                                     why="reading the device's flash")
+        return plain
 
     def _check_device_key(self, device: Device, mac: bytes, state: hz.EfuseState) -> str:
         scheme = self.profile.flash_encryption
@@ -162,6 +145,7 @@ class Reflasher(Provisioner):
             table = self._device_partitions(device, mac)
             self._check_addresses(table, plan)
             out["fe_kcv"] = plan.fe_kcv
+            out.update(self._take_exports())
         result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
                               plan=plan.describe())
         result.images = [{"address": f"{w.address:#x}", "source": w.source,
