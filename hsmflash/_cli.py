@@ -1218,7 +1218,7 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
         raise PolicyRefused(f"{devices}: {len(macs)} devices exceed the policy's "
                             f"max_devices_per_batch ({limit})")
     if workers <= 0:
-        workers = min(os.cpu_count() or 1, 4) if len(macs) >= 20000 else 1
+        workers = min(os.cpu_count() or 1, 4) if len(macs) >= 5000 else 1
     list_sha = hashlib.sha256(b"".join(macs)).hexdigest()
     started = time.perf_counter()
     with c.station() as st:

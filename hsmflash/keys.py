@@ -8,6 +8,7 @@ Secret bytes handed to `import_key` are never copied into messages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,8 +127,9 @@ class TokenKey:
         except (p11x.AttributeSensitive, p11x.AttributeTypeInvalid):
             return None
 
-    @property
+    @functools.cached_property
     def usage(self) -> tuple[str, ...]:
+        """Usage flags, read once: hsmflash's keys are CKA_MODIFIABLE=false."""
         if self.type in _CURVES or self.type == "rsa-3072":
             return ("sign",) if self.attr(Attribute.SIGN) else ()
         out = [u for u, flags in _SECRET_FLAGS.items() if self.attr(flags[0])]
