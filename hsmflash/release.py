@@ -77,7 +77,7 @@ def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str
                 check=check) as outcome:
         signer = st.signer(key)
         if scheme == SBV2:
-            out = signing.sign_sbv2(image, signer, chip, append=append, name=name)
+            out = signing.sign_sbv2(image, signer, chip, append=append, name=name, info=info)
             count = len(info.sbv2_blocks) + 1
         else:
             out = signing.sign_sbv1(image, signer, name=name)

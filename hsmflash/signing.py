@@ -38,6 +38,7 @@ from hsmflash.images import (
     SIG_BLOCK_SIGNED_LEN,
     SIG_BLOCK_VERSION_ECDSA,
     SIG_BLOCK_VERSION_RSA,
+    ImageInfo,
     SignatureBlock,
     inspect_image,
     read_signature_blocks,
@@ -238,7 +239,8 @@ def _existing_blocks_for_append(
 
 
 def sign_sbv2(
-    image: bytes, signer: DigestSigner, chip: Chip, append: bool = False, name: str = "image"
+    image: bytes, signer: DigestSigner, chip: Chip, append: bool = False, name: str = "image",
+    info: ImageInfo | None = None,
 ) -> bytes:
     """Sign an app or bootloader image for Secure Boot V2, exactly as `espsecure sign-data -v2`.
 
@@ -262,7 +264,8 @@ def sign_sbv2(
             f"{chip.name} Secure Boot V2 does not accept {algorithm} keys "
             f"(accepts: {', '.join(chip.sbv2_algorithms)})"
         )
-    info = inspect_image(image, chip, name)
+    if info is None or info.sha256 != hashlib.sha256(image).hexdigest():
+        info = inspect_image(image, chip, name)  # unless the caller just did
     if info.sbv1_signed:
         raise InputError(f"{name}: carries a Secure Boot V1 signature; sign the unsigned image")
 
