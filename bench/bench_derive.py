@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib import throwaway_token
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 TOKEN_LABEL = "hsmflash-bench-derive"
@@ -40,23 +37,6 @@ MASTER = "bench-master"
 PURPOSE = "XTS_AES_128_KEY"
 TARGET = 5000.0
 ZERO16 = bytes(16)
-
-
-@contextmanager
-def throwaway_token() -> Iterator[tuple[Path, str]]:
-    """A fresh SoftHSM2 token in a temp dir; SOFTHSM2_CONF is set before the PKCS#11 library
-    is loaded. Yields (temp dir, user PIN); removes everything afterwards."""
-    from hsmflash.devtoken import init_token, write_conf
-
-    tmp = Path(tempfile.mkdtemp(prefix="hsmflash-bench-derive-"))
-    try:
-        conf = write_conf(tmp, tmp / "tokens")
-        os.environ["SOFTHSM2_CONF"] = str(conf)
-        pin = secrets.token_hex(8)
-        init_token(conf, TOKEN_LABEL, secrets.token_hex(8), pin)
-        yield tmp, pin
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def device_macs(n: int) -> list[bytes]:
@@ -106,7 +86,7 @@ def cli_batch(count: int) -> None:
     """Whole process: `hsmflash derive --devices LOT -o KCVS` with 1 and 2 worker processes."""
     import subprocess
 
-    with throwaway_token() as (tmp, pin):
+    with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         key = tmp / "master.bin"
         key.write_bytes(os.urandom(32))
         env = {**os.environ, "HSMFLASH_TOKEN": TOKEN_LABEL, "HSMFLASH_PIN": pin,
@@ -146,7 +126,7 @@ def main() -> None:
     audited_macs = macs[:args.audited]
     master_bytes = os.urandom(32)
 
-    with throwaway_token() as (tmp, pin):
+    with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         from pkcs11 import Attribute, KeyType, Mechanism
 
         from hsmflash import kdf

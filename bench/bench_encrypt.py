@@ -21,17 +21,14 @@ import argparse
 import contextlib
 import io
 import os
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
+from benchlib import throwaway_token
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,23 +38,6 @@ ADDRESS = 0x10000
 XTS_KEY = "bench-xts"
 MASTER = "fe-master"  # the dev policy's derivation master
 DEVICE = bytes.fromhex("24d7eb1a2b3c")
-
-
-@contextmanager
-def throwaway_token() -> Iterator[tuple[Path, str]]:
-    """A fresh SoftHSM2 token in a temp dir; SOFTHSM2_CONF is set (before the PKCS#11 library
-    is loaded) for this process and its children. Yields (temp dir, user PIN)."""
-    from hsmflash.devtoken import init_token, write_conf
-
-    tmp = Path(tempfile.mkdtemp(prefix="hsmflash-bench-encrypt-"))
-    try:
-        conf = write_conf(tmp, tmp / "tokens")
-        os.environ["SOFTHSM2_CONF"] = str(conf)
-        pin = secrets.token_hex(8)
-        init_token(conf, TOKEN_LABEL, secrets.token_hex(8), pin)
-        yield tmp, pin
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def espsecure_encrypt(key: bytes, data: bytes, *, aes_xts: bool) -> bytes:
@@ -137,7 +117,7 @@ def main() -> None:
     size = args.mib << 20
     image = os.urandom(size)
 
-    with throwaway_token() as (tmp, pin):
+    with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         from hsmflash.chips import get_chip
         from hsmflash.flashcrypt import esp32_encrypt, xts_encrypt
         from hsmflash.keys import generate_key, import_key

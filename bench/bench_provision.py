@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +27,8 @@ BIN = Path(sys.executable).parent
 HS = str(BIN / "hsmflash")
 LABEL = "hsmflash-bench-provision"
 sys.path.insert(0, str(ROOT / "tests"))
+
+from benchlib import throwaway_token  # noqa: E402
 
 
 def run(args: list[str], env: dict[str, str]) -> float:
@@ -44,14 +43,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    from hsmflash.devtoken import init_token, write_conf
     from imagebuilder import build_app, build_bootloader
 
-    tmp = Path(tempfile.mkdtemp(prefix="hsmflash-bench-prov-"))
-    try:
-        conf = write_conf(tmp, tmp / "tokens")
-        pin = secrets.token_hex(8)
-        init_token(conf, LABEL, secrets.token_hex(8), pin)
+    with throwaway_token(LABEL) as (tmp, pin):
+        conf = tmp / "softhsm2.conf"
         policy = tmp / "policy.toml"
         policy.write_text((ROOT / "policies" / "dev.toml").read_text()
                           .replace('label = "hsmflash-dev"', f'label = "{LABEL}"'))
@@ -118,8 +113,6 @@ def main() -> None:
             print(f"provision station mode, {n} device(s): {t / n:.2f} s/device, "
                   f"{60 * n / t:.1f} devices/min; ratio vs Espressif tools by hand "
                   f"{peer_t / (t / n):.2f}x (>1: hsmflash faster per device)")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

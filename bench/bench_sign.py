@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from benchlib import throwaway_token
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,28 +29,6 @@ KEY = "bench-sb-rsa"
 CHIP = "esp32s3"
 
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-@contextmanager
-def throwaway_token() -> Iterator[tuple[Path, str]]:
-    """A fresh SoftHSM2 token in a temp dir; SOFTHSM2_CONF is set for this process and its
-    children. Yields (temp dir, user PIN); removes everything afterwards."""
-    from hsmflash.devtoken import init_token, write_conf
-
-    tmp = Path(tempfile.mkdtemp(prefix="hsmflash-bench-sign-"))
-    old_conf = os.environ.get("SOFTHSM2_CONF")
-    try:
-        conf = write_conf(tmp, tmp / "tokens")
-        os.environ["SOFTHSM2_CONF"] = str(conf)
-        pin = secrets.token_hex(8)
-        init_token(conf, TOKEN_LABEL, secrets.token_hex(8), pin)
-        yield tmp, pin
-    finally:
-        if old_conf is None:
-            os.environ.pop("SOFTHSM2_CONF", None)
-        else:
-            os.environ["SOFTHSM2_CONF"] = old_conf
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(argv: list[str], env: dict[str, str]) -> float:
@@ -89,7 +64,7 @@ def main() -> None:
 
     from imagebuilder import build_app
 
-    with throwaway_token() as (tmp, pin):
+    with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         env = {k: v for k, v in os.environ.items() if not k.startswith("HSMFLASH_")}
         env.update({
             "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],

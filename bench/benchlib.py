@@ -1,0 +1,34 @@
+"""What the benchmarks share: a throw-away SoftHSM2 token."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def throwaway_token(label: str) -> Iterator[tuple[Path, str]]:
+    """A fresh SoftHSM2 token in a temp dir; SOFTHSM2_CONF is set (before the PKCS#11 library
+    is loaded) for this process and its children. Yields (temp dir, user PIN); removes
+    everything afterwards."""
+    from hsmflash.devtoken import init_token, write_conf
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{label}-"))
+    old_conf = os.environ.get("SOFTHSM2_CONF")
+    try:
+        conf = write_conf(tmp, tmp / "tokens")
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        pin = secrets.token_hex(8)
+        init_token(conf, label, secrets.token_hex(8), pin)
+        yield tmp, pin
+    finally:
+        if old_conf is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old_conf
+        shutil.rmtree(tmp, ignore_errors=True)
