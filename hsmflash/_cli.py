@@ -399,8 +399,11 @@ def policy_check(
     file: Annotated[str, typer.Argument(help="Policy TOML file.")],
 ) -> None:
     """Validate a policy file; errors name the field at fault (exit 3)."""
+    from hsmflash.provision import check_policy_efuses
+
     c = ctx_of(ctx)
     pol = load_policy(file)
+    check_policy_efuses(pol)
     data = {
         "policy": pol.name, "path": str(file), "ok": True,
         "keys": {k: {"type": v.type, "usage": list(v.usage)} for k, v in pol.keys.items()},

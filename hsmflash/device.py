@@ -306,6 +306,20 @@ def _blank_efuse_size(chip: str) -> int:
         return path.stat().st_size if path.exists() else -1
 
 
+@functools.cache
+def efuse_field_names(chip: str) -> frozenset[str]:
+    """The names of `chip`'s eFuse fields, from espefuse's own tables (no device needed).
+
+    Raises:
+        DeviceError: espefuse does not know the chip.
+    """
+    from espefuse import init_commands
+
+    with espressif_call(f"loading {chip} eFuse definitions"):
+        commands = init_commands(chip=chip, virt=True, do_not_confirm=True)
+        return frozenset(str(e.name) for e in commands.efuses)
+
+
 def _ensure_flash_file(flash_file: Path, size: int) -> None:
     if size <= 0 or size % 4096:
         raise InputError(

@@ -736,3 +736,26 @@ def provisioner_for(st: Station, chip_name: str, images: list[ImageSpec],
         images not signed by its keys; TokenError: keys missing.
     """
     return Provisioner(st, st.policy, get_chip(chip_name), images, progress)
+
+
+def check_policy_efuses(policy: Policy) -> None:
+    """Check every eFuse a chip profile names against espefuse's tables for that chip.
+
+    Raises:
+        InputError: naming the policy field (`chips.CHIP.harden`) and the unknown eFuse.
+    """
+    from hsmflash.device import efuse_field_names
+
+    for chip, prof in policy.chips.items():
+        names = efuse_field_names(chip)
+        for item in prof.harden:
+            name, sep, value = item.partition("=")
+            if name not in names:
+                raise InputError(f"{policy.path}: chips.{chip}.harden: {name!r} is not an "
+                                 f"eFuse of {chip}")
+            if sep:
+                try:
+                    int(value, 0)
+                except ValueError:
+                    raise InputError(f"{policy.path}: chips.{chip}.harden: value of {name} "
+                                     f"({value!r}) is not a number") from None

@@ -86,3 +86,12 @@ def test_base_policy_loads(tmp_path: Path):
     p.write_text(BASE)
     pol = load_policy(p)
     assert pol.chips["esp32s3"].derive_master == "m"
+
+
+def test_unknown_harden_efuse_is_named(tmp_path):
+    p = tmp_path / "bad.toml"
+    derive = 'derive = { master = "m" }'
+    p.write_text(BASE.replace(derive, derive + '\nharden = ["DIS_PAD_JTAG", "DIS_PAD_JTAGG"]'))
+    r = run_cli("policy", "check", p)
+    assert r.code == 3
+    assert "chips.esp32s3.harden" in r.err and "DIS_PAD_JTAGG" in r.err
