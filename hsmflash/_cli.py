@@ -156,18 +156,20 @@ def _version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     module: Annotated[str | None, typer.Option(
-        "--module", envvar="HSMFLASH_MODULE",
+        "--module", envvar="HSMFLASH_MODULE", metavar="PATH",
         help="PKCS#11 module (.so). Default: SoftHSM2's library.")] = None,
     token: Annotated[str | None, typer.Option(
-        "--token", envvar="HSMFLASH_TOKEN",
+        "--token", envvar="HSMFLASH_TOKEN", metavar="LABEL",
         help="Token label (default: the policy's token.label, else 'hsmflash-dev').")] = None,
     pin_file: Annotated[str | None, typer.Option(
-        "--pin-file", envvar="HSMFLASH_PIN_FILE",
+        "--pin-file", envvar="HSMFLASH_PIN_FILE", metavar="FILE",
         help="File whose first line is the user PIN (or set HSMFLASH_PIN).")] = None,
     policy: Annotated[str | None, typer.Option(
-        "--policy", envvar="HSMFLASH_POLICY", help="Policy TOML file (policies/*.toml).")] = None,
+        "--policy", envvar="HSMFLASH_POLICY", metavar="FILE",
+        help="Policy TOML file (policies/*.toml).")] = None,
     audit_log: Annotated[str, typer.Option(
-        "--audit-log", envvar="HSMFLASH_AUDIT_LOG", help="Audit log (JSON Lines).")] =
+        "--audit-log", envvar="HSMFLASH_AUDIT_LOG", metavar="FILE",
+        help="Audit log (JSON Lines).")] =
         DEFAULT_AUDIT_LOG,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
