@@ -22,13 +22,12 @@ import contextlib
 import io
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import throwaway_token
+from benchlib import run_process, throwaway_token
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,16 +95,6 @@ class Table:
         print(f"{name:<44} {a:>11} {b:>11} {ratio:6.2f}x  >={target:g} {ok}")
         self.rows.append((name, theirs_s, ours_s, target))
         return ratio
-
-
-def run_process(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return elapsed
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,15 +27,7 @@ HS = str(BIN / "hsmflash")
 LABEL = "hsmflash-bench-provision"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchlib import throwaway_token  # noqa: E402
-
-
-def run(args: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    r = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-    if r.returncode:
-        raise SystemExit(f"{' '.join(args[:3])}... failed: {r.stderr.strip()[-300:]}")
-    return time.perf_counter() - start
+from benchlib import run_process, throwaway_token  # noqa: E402
 
 
 def main() -> None:
@@ -52,11 +43,11 @@ def main() -> None:
                           .replace('label = "hsmflash-dev"', f'label = "{LABEL}"'))
         env = {**os.environ, "SOFTHSM2_CONF": str(conf), "HSMFLASH_PIN": pin,
                "HSMFLASH_POLICY": str(policy), "HSMFLASH_AUDIT_LOG": str(tmp / "audit.jsonl")}
-        run([HS, "keys", "create"], env)
+        run_process([HS, "keys", "create"], env)
         (tmp / "boot.bin").write_bytes(build_bootloader("esp32s3", seed=1))
         (tmp / "app.bin").write_bytes(build_app("esp32s3", 1024 * 1024, seed=2))
         for name in ("boot", "app"):
-            run([HS, "sign", str(tmp / f"{name}.bin"), "-o", str(tmp / f"{name}.signed"),
+            run_process([HS, "sign", str(tmp / f"{name}.bin"), "-o", str(tmp / f"{name}.signed"),
                  "--key", "sb-release", "--chip", "esp32s3"], env)
         images = ["--image", f"0x0={tmp / 'boot.signed'}",
                   "--image", f"0x10000={tmp / 'app.signed'}"]
@@ -71,32 +62,32 @@ def main() -> None:
                     efuse = tmp / f"d{counter}.efuse"
                     mac = f"7c:df:a1:{counter >> 16 & 255:02x}:{counter >> 8 & 255:02x}:" \
                           f"{counter & 255:02x}"
-                    run([HS, "virtual", "create", "--chip", "esp32s3", "--mac", mac,
+                    run_process([HS, "virtual", "create", "--chip", "esp32s3", "--mac", mac,
                          "--efuse-file", str(efuse)], env)
                     devices += ["--virtual-efuses", str(efuse), "--virtual-flash",
                                 str(tmp / f"d{counter}.flash")]
-                results[n].append(run([HS, "provision", "--chip", "esp32s3", *devices,
+                results[n].append(run_process([HS, "provision", "--chip", "esp32s3", *devices,
                                        *images], env))
         peer = []
         (tmp / "flash.key").write_bytes(os.urandom(32))
-        run([HS, "keys", "public", "sb-release", "-o", str(tmp / "sb.pem")], env)
+        run_process([HS, "keys", "public", "sb-release", "-o", str(tmp / "sb.pem")], env)
         esps, espf = str(BIN / "espsecure"), str(BIN / "espefuse")
         for i in range(args.runs):
             efuse = tmp / f"peer{i}.efuse"
-            run([HS, "virtual", "create", "--chip", "esp32s3", "--mac",
+            run_process([HS, "virtual", "create", "--chip", "esp32s3", "--mac",
                  f"7c:df:a1:ee:00:{i:02x}", "--efuse-file", str(efuse)], env)
             virt = [espf, "--virt", "--path-efuse-file", str(efuse), "--chip", "esp32s3",
                     "--do-not-confirm"]
             start = time.perf_counter()
             for name, addr in (("boot", "0x0"), ("app", "0x10000")):
-                run([esps, "encrypt-flash-data", "--aes-xts", "--keyfile",
+                run_process([esps, "encrypt-flash-data", "--aes-xts", "--keyfile",
                      str(tmp / "flash.key"), "--address", addr, "--output",
                      str(tmp / f"{name}.enc"), str(tmp / f"{name}.signed")], env)
-            run([*virt, "burn-key", "BLOCK_KEY0", str(tmp / "flash.key"), "XTS_AES_128_KEY"],
-                env)
-            run([*virt, "burn-key-digest", "BLOCK_KEY1", str(tmp / "sb.pem"),
+            run_process([*virt, "burn-key", "BLOCK_KEY0", str(tmp / "flash.key"),
+                         "XTS_AES_128_KEY"], env)
+            run_process([*virt, "burn-key-digest", "BLOCK_KEY1", str(tmp / "sb.pem"),
                  "SECURE_BOOT_DIGEST0"], env)
-            run([*virt, "burn-efuse", "SPI_BOOT_CRYPT_CNT", "1", "SECURE_BOOT_EN", "1",
+            run_process([*virt, "burn-efuse", "SPI_BOOT_CRYPT_CNT", "1", "SECURE_BOOT_EN", "1",
                  "DIS_PAD_JTAG", "1"], env)
             peer.append(time.perf_counter() - start)
         peer_t = statistics.median(peer)

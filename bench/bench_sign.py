@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchlib import throwaway_token
+from benchlib import run_process, throwaway_token
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,17 +29,6 @@ CHIP = "esp32s3"
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def run(argv: list[str], env: dict[str, str]) -> float:
-    """Run one process to completion; return its wall time. Fails loudly on a non-zero exit."""
-    start = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return elapsed
-
-
 def slot_id(label: str) -> int:
     """The SoftHSM2 slot holding the token (espsecure's config names a slot, not a label)."""
     import pkcs11
@@ -52,8 +39,8 @@ def slot_id(label: str) -> int:
 
 
 def verify(image: Path, pubkey: Path, env: dict[str, str]) -> None:
-    run([ESPSECURE, "verify-signature", "--version", "2", "--keyfile", str(pubkey), str(image)],
-        env)
+    run_process([ESPSECURE, "verify-signature", "--version", "2", "--keyfile", str(pubkey),
+                 str(image)], env)
 
 
 def main() -> None:
@@ -78,9 +65,9 @@ def main() -> None:
         # The key: generated in the token by hsmflash. hsmflash labels the private and the
         # public object with the same CKA_LABEL, which is exactly what espsecure looks up
         # (PRIVATE_KEY by `label`, PUBLIC_KEY by `label_pubkey`), so both use one key pair.
-        run([HSMFLASH, "keys", "generate", KEY, "--type", "rsa-3072"], env)
+        run_process([HSMFLASH, "keys", "generate", KEY, "--type", "rsa-3072"], env)
         pub = tmp / "pub.pem"
-        run([HSMFLASH, "keys", "public", KEY, "-o", str(pub)], env)
+        run_process([HSMFLASH, "keys", "public", KEY, "-o", str(pub)], env)
 
         cfg = tmp / "hsm.cfg"
         fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -101,8 +88,8 @@ def main() -> None:
                           str(cfg), "--output", str(out_e), str(image)]
 
         # Warm-up (first hsmflash use also creates the token's audit key) and correctness.
-        run(hsmflash_argv, env)
-        run(espsecure_argv, env)
+        run_process(hsmflash_argv, env)
+        run_process(espsecure_argv, env)
         verify(out_h, pub, env)
         verify(out_e, pub, env)
         if out_h.stat().st_size != out_e.stat().st_size:
@@ -110,13 +97,13 @@ def main() -> None:
 
         times: dict[str, list[float]] = {"hsmflash": [], "espsecure": []}
         for _ in range(args.runs):
-            times["hsmflash"].append(run(hsmflash_argv, env))
-            times["espsecure"].append(run(espsecure_argv, env))
+            times["hsmflash"].append(run_process(hsmflash_argv, env))
+            times["espsecure"].append(run_process(espsecure_argv, env))
         verify(out_h, pub, env)
 
         # Interpreter start + importing each CLI's modules: the fixed cost in every figure.
         floor = {
-            name: statistics.median(run([sys.executable, "-c", f"import {modules}"], env)
+            name: statistics.median(run_process([sys.executable, "-c", f"import {modules}"], env)
                                     for _ in range(3))
             for name, modules in (("hsmflash", "hsmflash._cli, hsmflash.release"),
                                   ("espsecure", "espsecure"))

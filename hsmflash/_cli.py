@@ -69,14 +69,12 @@ class Context:
     json: bool = False
     debug: bool = False
     _policy: Policy | None = field(default=None, repr=False)
-    pin_requests: int = 0
     _pin: str | None = field(default=None, repr=False)
 
     # -- PIN --------------------------------------------------------------------------
     def pin_handler(self, prompt: str) -> str:
         """PIN from HSMFLASH_PIN, --pin-file or an interactive prompt (never argv, never
         retried). Kept in memory for this command only, so a prompt is shown once."""
-        self.pin_requests += 1
         if self._pin is not None:
             return self._pin
         self._pin = self._read_pin(prompt)
@@ -491,12 +489,11 @@ def sign_cmd(
 
 def _chip_from_image(data: bytes, name: str) -> Any:
     from hsmflash.chips import CHIPS
-    from hsmflash.images import ESP_IMAGE_MAGIC, _esptool_chip_name
+    from hsmflash.images import image_chip_name
 
-    if len(data) >= 24 and data[0] == ESP_IMAGE_MAGIC:
-        chip_name = _esptool_chip_name(int.from_bytes(data[12:14], "little"))
-        if chip_name in CHIPS:
-            return CHIPS[chip_name]
+    chip_name = image_chip_name(data)
+    if chip_name in CHIPS:
+        return CHIPS[chip_name]
     raise InputError(f"{name}: cannot tell the chip from the image; pass --chip")
 
 
@@ -1095,8 +1092,30 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
     return results
 
 
-def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any],
-                    verb: str) -> None:
+def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | None,
+                    virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
+                    image: list[str] | None, dry_run: bool, manifest: str | None,
+                    baud: int) -> None:
+    """provision / flash: check policy and images once, then run every device."""
+    from hsmflash.chips import get_chip
+    from hsmflash.provision import Provisioner
+    from hsmflash.reflash import Reflasher
+
+    c = ctx_of(ctx)
+    if not c.policy.chips:
+        raise UsageError(f"{kind} needs --policy FILE with a [chips] profile")
+    c.policy.profile(chip)
+    specs = _device_specs(port, virtual_efuses, virtual_flash)
+    images = _images_for(c, chip, image)
+    # refuse bad images, unsigned images and policy problems before any device is touched
+    worker = Reflasher if kind == "flash" else Provisioner
+    with c.station() as st:
+        worker(st, st.policy, get_chip(chip), images)
+    results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest)
+    _finish_devices(c, specs, results)
+
+
+def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any]) -> None:
     failures = [(s, r) for s, r in zip(specs, results, strict=True) if isinstance(r, Error)]
     data = []
     for s, r in zip(specs, results, strict=True):
@@ -1145,20 +1164,8 @@ def provision_cmd(
     Needs --policy. Safe to re-run: an interrupted device is finished, a finished one is
     reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
     """
-    from hsmflash.provision import provisioner_for
-
-    c = ctx_of(ctx)
-    if not c.policy.chips:
-        raise UsageError("provision needs --policy FILE with a [chips] profile")
-    c.policy.profile(chip)
-    specs = _device_specs(port, virtual_efuses, virtual_flash)
-    images = _images_for(c, chip, image)
-    # refuse bad images, unsigned images and policy problems before any device is touched
-    with c.station() as st:
-        provisioner_for(st, chip, images)
-
-    results = _run_devices(c, "provision", chip, specs, baud, images, dry_run, manifest)
-    _finish_devices(c, specs, results, "provision")
+    _device_command(ctx, "provision", chip, port, virtual_efuses, virtual_flash, image, dry_run,
+                    manifest, baud)
 
 
 # per-device credentials live in their own module; registered here, at the edge
@@ -1187,22 +1194,10 @@ def flash_cmd(
     policy, an image is not signed by a key the device holds, or an address is outside the
     device's encrypted partitions. Never writes eFuses. Re-run to complete an interrupted write.
     """
-    from hsmflash.chips import get_chip
-    from hsmflash.reflash import Reflasher
-
-    c = ctx_of(ctx)
-    if not c.policy.chips:
-        raise UsageError("flash needs --policy FILE with a [chips] profile")
-    c.policy.profile(chip)
     if not image:
         raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
-    specs = _device_specs(port, virtual_efuses, virtual_flash)
-    images = _images_for(c, chip, image)
-    with c.station() as st:
-        Reflasher(st, st.policy, get_chip(chip), images)
-
-    results = _run_devices(c, "flash", chip, specs, baud, images, dry_run, manifest)
-    _finish_devices(c, specs, results, "flash")
+    _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
+                    manifest, baud)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

@@ -96,11 +96,10 @@ class CredentialSettings:
     @classmethod
     def from_policy(cls, policy: Policy) -> CredentialSettings:
         """The policy's `[credentials]` values over the defaults."""
-        section = getattr(policy, "credentials", None)
+        section = policy.credentials
         if section is None:
             return cls()
-        return cls(**{name: getattr(section, name) for name in cls.__dataclass_fields__
-                      if getattr(section, name, None) is not None})
+        return cls(**{name: getattr(section, name) for name in cls.__dataclass_fields__})
 
 
 def device_id(device: bytes) -> str:
@@ -309,10 +308,7 @@ class DevicePartitions:
 
 
 def _check_device_export(policy: Policy) -> None:
-    # `device_secrets` once the policy declares it; until then the rule that already lets
-    # per-device keys go into the chip
-    rule = "device_secrets" if hasattr(policy.export, "device_secrets") else "efuse_burn"
-    policy.check_export(rule)
+    policy.check_export("device_secrets")
 
 
 def _master(st: Station, name: str) -> TokenKey:

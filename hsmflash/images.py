@@ -88,6 +88,14 @@ def _esptool_chip_name(chip_id: int) -> str | None:
     return None
 
 
+def image_chip_name(data: bytes) -> str | None:
+    """The chip an ESP image header says it is for (esptool's name), or None."""
+    if len(data) < HEADER_LEN or data[0] != ESP_IMAGE_MAGIC:
+        return None
+    (chip_id,) = struct.unpack_from("<H", data, COMMON_HEADER_LEN + 4)
+    return _esptool_chip_name(chip_id)
+
+
 def _walk_layout(data: bytes, name: str) -> tuple[int, bool]:
     """Check that every part of the image lies inside `data`; return (image end, has digest).
 

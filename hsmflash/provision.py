@@ -33,7 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmflash import flashcrypt, kdf, signing
-from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip, get_chip
+from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
 from hsmflash.device import Device
 from hsmflash.errors import DeviceError, InputError, PolicyRefused
 from hsmflash.hazmat import efuse as hz
@@ -725,17 +725,6 @@ def _already(state: hz.EfuseState, name: str, value: int) -> bool:
     if isinstance(current, bytes):
         return False
     return int(current) == int(value) or (int(current) & int(value)) == int(value)
-
-
-def provisioner_for(st: Station, chip_name: str, images: list[ImageSpec],
-                    progress: Progress | None = None) -> Provisioner:
-    """Build a Provisioner for the station's policy and `chip_name`.
-
-    Raises:
-        InputError: unknown chip or bad images; PolicyRefused: chip not in the policy or
-        images not signed by its keys; TokenError: keys missing.
-    """
-    return Provisioner(st, st.policy, get_chip(chip_name), images, progress)
 
 
 def check_policy_efuses(policy: Policy) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import espsecure
@@ -18,8 +17,6 @@ import pytest
 from doubles import FakeRomLoader
 from hsmflash.partitions import build, default_layout
 from imagebuilder import build_app, build_bootloader
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "vectors"))
 from make_kdf_vectors import derive  # the independent spec implementation
 
 MAC = "7c:df:a1:55:00:01"
