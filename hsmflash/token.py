@@ -157,13 +157,19 @@ class TokenConfig:
             TokenError: no token, or several tokens, carry the label.
         """
         lib = self.lib()
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 return lib.get_token(token_label=self.label)
             except p11x.NoSuchToken:
-                # SoftHSM can miss a token whose files another process is rewriting
-                if attempt < 2:
-                    time.sleep(0.1 * (attempt + 1))
+                # SoftHSM reads its token files once, at C_Initialize; one that another
+                # process (a station worker) was rewriting just then is missing until the
+                # module is initialised again
+                if attempt < 4:
+                    time.sleep(0.05 * (attempt + 1))
+                    try:
+                        lib.reinitialize()
+                    except p11x.PKCS11Error:
+                        pass
                     continue
                 break
             except p11x.MultipleTokensReturned:

@@ -428,23 +428,25 @@ def test_release_profile_read_protects_keys_and_locks(bench: Bench, cli: Callabl
     assert snapshot(efuse, flash) == before
 
 
-def test_station_mode_virtual_pair_and_manifest(bench: Bench, cli: Callable[..., Result],
-                                                tmp_path: Path) -> None:
-    a = bench.new_chip(tmp_path, "esp32s3", "a", mac="7c:df:a1:00:10:01")
-    b = bench.new_chip(tmp_path, "esp32s3", "b", mac="7c:df:a1:00:10:02")
+@pytest.mark.parametrize("count", [2, 8])
+def test_station_mode_virtual_devices_and_manifest(bench: Bench, cli: Callable[..., Result],
+                                                   tmp_path: Path, count: int) -> None:
+    # 8 workers start at once on one SoftHSM token: each must still find it
+    macs = [f"7c:df:a1:00:10:{i + 1:02x}" for i in range(count)]
+    chips = [bench.new_chip(tmp_path, "esp32s3", f"d{i}", mac=mac) for i, mac in enumerate(macs)]
     manifest = tmp_path / "m.csv"
-    r = bench.subprocess("--policy", bench.policy, "provision", "--chip", "esp32s3",
-                         "--virtual-efuses", a[0], "--virtual-flash", a[1],
-                         "--virtual-efuses", b[0], "--virtual-flash", b[1],
+    devices = [arg for efuse, flash in chips
+               for arg in ("--virtual-efuses", efuse, "--virtual-flash", flash)]
+    r = bench.subprocess("--policy", bench.policy, "provision", "--chip", "esp32s3", *devices,
                          *bench.image_args("esp32s3"), "--manifest", manifest,
                          audit_log=tmp_path / "audit.jsonl")
     assert r.code == 0, r.output
-    check_virtual(bench, "esp32s3", *a, tmp_path, mac="7c:df:a1:00:10:01")
-    check_virtual(bench, "esp32s3", *b, tmp_path, mac="7c:df:a1:00:10:02")
+    for (efuse, flash), mac in zip(chips, macs, strict=True):
+        check_virtual(bench, "esp32s3", efuse, flash, tmp_path, mac=mac)
     import csv
 
     rows = list(csv.DictReader(manifest.open()))
-    assert sorted(r["mac"] for r in rows) == ["7c:df:a1:00:10:01", "7c:df:a1:00:10:02"]
+    assert sorted(r["mac"] for r in rows) == macs
     assert all(r["result"] == "provisioned" and r["chip"] == "esp32s3" for r in rows)
 
 
