@@ -33,6 +33,10 @@ class Chip:
     sbv1: bool = False
     bootloader_address: int = 0x0
     key_blocks: tuple[str, ...] = ()
+    # the image header's chip id, and the flash-mapped code and data windows (esptool's
+    # IMAGE_CHIP_ID, IROM_MAP_* and DROM_MAP_*): a segment loaded there makes an app
+    image_chip_id: int = 0
+    flash_maps: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_esp32_classic(self) -> bool:
@@ -64,21 +68,38 @@ CHIPS: dict[str, Chip] = {
             sbv1=True,
             bootloader_address=0x1000,
             key_blocks=("BLOCK1", "BLOCK2", "BLOCK3"),
+            image_chip_id=0,
+            flash_maps=((0x400D0000, 0x40400000), (0x3F400000, 0x3F800000)),
         ),
         Chip("esp32s2", "ESP32-S2", (XTS_AES_128, XTS_AES_256), ("rsa-3072",), 3,
-             bootloader_address=0x1000, key_blocks=_KEY_BLOCKS_6),
+             bootloader_address=0x1000, key_blocks=_KEY_BLOCKS_6, image_chip_id=2,
+             flash_maps=((0x40080000, 0x40B80000), (0x3F000000, 0x3F3F0000))),
         Chip("esp32s3", "ESP32-S3", (XTS_AES_128, XTS_AES_256), ("rsa-3072",), 3,
-             key_blocks=_KEY_BLOCKS_6),
-        Chip("esp32c3", "ESP32-C3", (XTS_AES_128,), ("rsa-3072",), 3, key_blocks=_KEY_BLOCKS_6),
+             key_blocks=_KEY_BLOCKS_6, image_chip_id=9,
+             flash_maps=((0x42000000, 0x44000000), (0x3C000000, 0x3E000000))),
+        Chip("esp32c3", "ESP32-C3", (XTS_AES_128,), ("rsa-3072",), 3, key_blocks=_KEY_BLOCKS_6,
+             image_chip_id=5, flash_maps=((0x42000000, 0x42800000), (0x3C000000, 0x3C800000))),
         Chip("esp32c6", "ESP32-C6", (XTS_AES_128,), ("rsa-3072", "ec-p256"), 3,
-             key_blocks=_KEY_BLOCKS_6),
+             key_blocks=_KEY_BLOCKS_6, image_chip_id=13,
+             flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000))),
         Chip("esp32h2", "ESP32-H2", (XTS_AES_128,), ("rsa-3072", "ec-p256"), 3,
-             key_blocks=_KEY_BLOCKS_6),
+             key_blocks=_KEY_BLOCKS_6, image_chip_id=16,
+             flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000))),
         Chip("esp32c5", "ESP32-C5", (XTS_AES_128, XTS_AES_256), ("rsa-3072", "ec-p256", "ec-p384"),
-             3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6),
+             3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6, image_chip_id=23,
+             flash_maps=((0x42000000, 0x44000000),)),
         Chip("esp32p4", "ESP32-P4", (XTS_AES_128, XTS_AES_256), ("rsa-3072", "ec-p256", "ec-p384"),
-             3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6),
+             3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6, image_chip_id=18,
+             flash_maps=((0x40000000, 0x4C000000),)),
     )
+}
+
+# Every chip id an ESP image header may carry (esptool's IMAGE_CHIP_ID), so an image for a
+# chip hsmflash does not provision is still named in the error.
+IMAGE_CHIP_NAMES: dict[int, str] = {
+    0: "esp32", 2: "esp32s2", 5: "esp32c3", 9: "esp32s3", 12: "esp32c2", 13: "esp32c6",
+    16: "esp32h2", 18: "esp32p4", 20: "esp32c61", 23: "esp32c5", 25: "esp32h21", 28: "esp32h4",
+    31: "esp32e22", 32: "esp32s31",
 }
 
 
