@@ -20,9 +20,9 @@ from hsmflash.audit import (
     _build_record,
     _encode_line,
     checkpoint_digest,
-    public_key_fingerprint,
     verify_log,
 )
+from hsmflash.primitives import fingerprint
 
 
 def _raw_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> str:
@@ -33,7 +33,7 @@ def _raw_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> str:
 
 def build_log(path: Path, n: int, key: ec.EllipticCurvePrivateKey, every: int) -> None:
     """A chained log of n records with a signed checkpoint every `every` records (no fsync)."""
-    fp = public_key_fingerprint(key.public_key())
+    fp = fingerprint(key.public_key())
     prev, ts = GENESIS_PREV, "2025-01-01T00:00:00.000000Z"
     with open(path, "wb") as f:
         for seq in range(n):

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from hsmflash.errors import (
@@ -49,7 +49,7 @@ from hsmflash.errors import (
     TokenError,
     VerificationFailed,
 )
-from hsmflash.primitives import DigestSigner, PublicKey
+from hsmflash.primitives import DigestSigner, PublicKey, fingerprint
 
 VERSION = 1
 GENESIS_PREV = "0" * 64
@@ -100,13 +100,6 @@ def record_hash(record: Record) -> str:
 def checkpoint_digest(seq: int, hash_hex: str) -> bytes:
     """The digest a checkpoint signs: SHA-256(uint64_be(seq) || bytes.fromhex(hash))."""
     return hashlib.sha256(struct.pack(">Q", seq) + bytes.fromhex(hash_hex)).digest()
-
-
-def public_key_fingerprint(public_key: PublicKey) -> str:
-    """SHA-256 (hex) of the DER SubjectPublicKeyInfo: how records name an asymmetric key."""
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
 
 
 def _now() -> str:
@@ -313,7 +306,7 @@ class VerifyReport:
 
 def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
                        public_key: ec.EllipticCurvePublicKey | None,
-                       fingerprint: str | None) -> None:
+                       key_fp: str | None) -> None:
     d = rec["detail"]
     if rec["phase"] != "ok":
         raise VerificationFailed(f"{where}: a checkpoint must have phase ok")
@@ -328,9 +321,9 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
         raise VerificationFailed(f"{where}: checkpoint signature is not a P-256 r||s")
     if public_key is None:
         return
-    if rec.get("key_fp") not in (None, fingerprint):
+    if rec.get("key_fp") not in (None, key_fp):
         raise VerificationFailed(f"{where}: checkpoint was signed by another key "
-                                 f"(fingerprint {rec['key_fp'][:16]}...)")
+                                 f"({str(rec['key_fp'])[:23]}...)")
     der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
                                      int.from_bytes(raw[_P256_HALF:], "big"))
     try:
@@ -361,7 +354,7 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
                 and isinstance(public_key.curve, ec.SECP256R1)):
             raise InputError("the audit public key must be ECDSA P-256")
         ec_key = public_key
-    fingerprint = public_key_fingerprint(ec_key) if ec_key is not None else None
+    key_fp = fingerprint(ec_key) if ec_key is not None else None
     report = VerifyReport(path, signatures_checked=public_key is not None)
     pending: dict[int, OpenIntent] = {}
     prev_seq: int | None = None
@@ -384,7 +377,7 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
             if rec["prev"] != prev_hash:
                 raise VerificationFailed(f"{where}: prev does not match the previous record")
             if rec["op"] == CHECKPOINT_OP:
-                _verify_checkpoint(rec, where, prev_seq, ec_key, fingerprint)
+                _verify_checkpoint(rec, where, prev_seq, ec_key, key_fp)
                 report.checkpoints += 1
                 report.unsigned_tail = 0
             else:
@@ -610,7 +603,7 @@ class AuditLog:
             except InvalidSignature as e:
                 raise TokenError("the audit key returned a signature that does not verify") from e
             record = log.write(CHECKPOINT_OP, "ok", key=key,
-                               key_fp=public_key_fingerprint(public_key),
+                               key_fp=fingerprint(public_key),
                                detail={"signed_seq": signed_seq, "signed_hash": signed_hash,
                                        "alg": "ecdsa-p256-sha256", "sig": sig.hex()})
             head_store.write(record["seq"], record["hash"])

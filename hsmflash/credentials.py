@@ -49,11 +49,11 @@ from hsmflash.chips import get_chip
 from hsmflash.errors import InputError, TokenError, VerificationFailed
 from hsmflash.fileio import atomic_write, read_input
 from hsmflash.flashcrypt import SoftwareAes
-from hsmflash.keys import TokenKey, fingerprint
+from hsmflash.keys import TokenKey
 from hsmflash.keyuse import DerivedKey, Station, wipe
 from hsmflash.perdevice import crypt_image
 from hsmflash.policy import Policy
-from hsmflash.primitives import PublicKey
+from hsmflash.primitives import PublicKey, fingerprint
 
 CREDENTIAL_PURPOSE = "CREDENTIAL"
 NVS_KEYS_PURPOSE = "NVS_KEYS"

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11.exceptions as p11x
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsmflash.errors import InputError, TokenError
-from hsmflash.primitives import PublicKey
+from hsmflash.primitives import PublicKey, fingerprint
 from hsmflash.token import wrap_pkcs11
 
 KEY_TYPES: dict[str, str] = {
@@ -187,13 +186,6 @@ class TokenKey:
         else:
             info["fingerprint"] = self.fingerprint()
         return info
-
-
-def fingerprint(public_key: PublicKey) -> str:
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def public_from_object(obj: Any, key_type: str) -> PublicKey:
@@ -431,6 +423,8 @@ def import_key(
 
 
 def _load_private_pem(material: bytes | bytearray, key_type: str, source: str) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
     try:
         private = serialization.load_pem_private_key(bytes(material), password=None)
     except (ValueError, TypeError):
@@ -471,9 +465,8 @@ def _create_private(session: Any, name: str, key_id: bytes, key_type: str, priva
     else:
         params = encode_named_curve_parameters(_CURVES[key_type][0])
         size = (private.curve.key_size + 7) // 8
-        point = private.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
+        numbers = private.public_key().public_numbers()
+        point = b"\x04" + numbers.x.to_bytes(size, "big") + numbers.y.to_bytes(size, "big")
         session.create_object({
             Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC,
             Attribute.EC_PARAMS: params,

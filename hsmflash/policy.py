@@ -6,7 +6,6 @@ flags) are the hard guarantee. `load_policy` validates everything and names the 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +228,8 @@ def load_policy(path: str | Path) -> Policy:
         InputError: unreadable file, TOML syntax, or a field that is wrong, unknown or
             contradicts another (the message names the field).
     """
+    import tomllib  # here: only commands given a policy file pay for the parser
+
     source = str(path)
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))

@@ -7,6 +7,7 @@ ones for the pure-format unit tests.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -43,3 +44,49 @@ class DigestSigner(Protocol):
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign an already computed SHA-256 (RSA, P-256) or SHA-384 (P-384) digest."""
         ...
+
+
+# DER AlgorithmIdentifiers of SubjectPublicKeyInfo (RFC 3279, RFC 5480)
+_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")  # rsaEncryption, NULL
+_EC_ALGORITHMS = {  # id-ecPublicKey, named curve
+    "secp256r1": bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107"),
+    "secp384r1": bytes.fromhex("301006072a8648ce3d020106052b81040022"),
+}
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def _der_uint(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def public_key_der(public_key: PublicKey) -> bytes:
+    """The DER SubjectPublicKeyInfo of an RSA or P-256/P-384 key.
+
+    Equal to cryptography's `public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)`
+    (tests/unit/test_signing_formats.py); written out because importing cryptography's
+    serialization package costs every command about 6 ms.
+    """
+    if isinstance(public_key, rsa.RSAPublicKey):
+        numbers = public_key.public_numbers()
+        body = _der(0x30, _der_uint(numbers.n) + _der_uint(numbers.e))
+        return _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\x00" + body))
+    algorithm = _EC_ALGORITHMS.get(public_key.curve.name)
+    if algorithm is None:
+        raise ValueError(f"unsupported curve {public_key.curve.name}")
+    width = (public_key.curve.key_size + 7) // 8
+    point = public_key.public_numbers()
+    encoded = b"\x04" + point.x.to_bytes(width, "big") + point.y.to_bytes(width, "big")
+    return _der(0x30, algorithm + _der(0x03, b"\x00" + encoded))
+
+
+def fingerprint(public_key: PublicKey) -> str:
+    """How hsmflash names an asymmetric key: `sha256:` + SHA-256 (hex) of its DER
+    SubjectPublicKeyInfo (`openssl pkey -pubin -outform DER | sha256sum`)."""
+    return "sha256:" + hashlib.sha256(public_key_der(public_key)).hexdigest()
