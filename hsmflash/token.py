@@ -113,6 +113,10 @@ class KeyRef:
         return f"pkcs11:token={q(self.token or token_label)};object={q(self.label)}"
 
 
+# token lookups and logins retried while other processes rewrite the token (0.6 s at most)
+_LOOKUP_ATTEMPTS = 8
+
+
 @dataclass
 class TokenConfig:
     """Which module and token to use, and how to get the PIN."""
@@ -157,15 +161,15 @@ class TokenConfig:
             TokenError: no token, or several tokens, carry the label.
         """
         lib = self.lib()
-        for attempt in range(5):
+        for attempt in range(_LOOKUP_ATTEMPTS):
             try:
                 return lib.get_token(token_label=self.label)
-            except p11x.NoSuchToken:
-                # SoftHSM reads its token files once, at C_Initialize; one that another
-                # process (a station worker) was rewriting just then is missing until the
-                # module is initialised again
-                if attempt < 4:
-                    time.sleep(0.05 * (attempt + 1))
+            except (p11x.NoSuchToken, p11x.GeneralError):
+                # SoftHSM rewrites a token's file on every login. A process reading it just
+                # then (C_Initialize, C_GetTokenInfo) sees no token or gets CKR_GENERAL_ERROR
+                # until the module is initialised again: station workers logging in at once.
+                if attempt < _LOOKUP_ATTEMPTS - 1:
+                    time.sleep(min(0.01 * 2**attempt, 0.16))
                     try:
                         lib.reinitialize()
                     except p11x.PKCS11Error:
@@ -214,6 +218,23 @@ def wrap_pkcs11(e: BaseException, what: str) -> TokenError:
     return TokenError(f"{what}: PKCS#11 error {type(e).__name__}{': ' + detail if detail else ''}")
 
 
+def _log_in(token: Any, rw: bool, pin: str | None) -> Any:
+    """Open a session and log in. CKR_GENERAL_ERROR is retried: SoftHSM gives it to a login
+    that reads the token file while another process's login rewrites it. A wrong PIN is
+    never retried."""
+    for attempt in range(_LOOKUP_ATTEMPTS):
+        try:
+            return token.open(rw=rw, user_pin=pin)
+        except p11x.UserAlreadyLoggedIn:
+            # this process already holds a logged-in session (PKCS#11 login is per application)
+            return token.open(rw=rw)
+        except p11x.GeneralError:
+            if attempt == _LOOKUP_ATTEMPTS - 1:
+                raise
+            time.sleep(min(0.01 * 2**attempt, 0.16))
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def open_session(config: TokenConfig, *, rw: bool = False, login: bool = True) -> Iterator[Any]:
     """The one way hsmflash opens a session: find the token, ask the PIN once, log in.
@@ -231,10 +252,7 @@ def open_session(config: TokenConfig, *, rw: bool = False, login: bool = True) -
             )
         pin = config.pin_handler(f"User PIN for token {config.label!r}: ")
     try:
-        session = token.open(rw=rw, user_pin=pin)
-    except p11x.UserAlreadyLoggedIn:
-        # this process already holds a logged-in session (PKCS#11 login is per application)
-        session = token.open(rw=rw)
+        session = _log_in(token, rw, pin)
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"token {config.label!r}") from e
     try:
