@@ -45,7 +45,8 @@ def verify(image: Path, pubkey: Path, env: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per tool (default 5)")
+    parser.add_argument("--runs", type=int, default=15,
+                        help="timed runs per tool (default 15)")
     parser.add_argument("--mib", type=int, default=2, help="image size in MiB (default 2)")
     args = parser.parse_args()
 

@@ -23,7 +23,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from hsmflash.chips import IMAGE_CHIP_NAMES, Chip
 from hsmflash.errors import InputError
@@ -94,8 +94,7 @@ def image_chip_name(data: bytes) -> str | None:
     return IMAGE_CHIP_NAMES.get(chip_id)
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     segments: tuple[tuple[int, int, int], ...]  # (load address, data offset, length)
     checksum_at: int  # offset of the checksum byte
     end: int  # end of the image proper (after the appended SHA-256, if any)
