@@ -1106,7 +1106,7 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
                       pin=pin, images=images, dry_run=dry_run, port=s.get("port"),
                       efuse_file=str(s["efuse_file"]) if s.get("efuse_file") else None,
                       flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
-                      baud=baud)
+                      baud=baud, debug=c.debug)
             for s in specs]
     results = run_jobs(jobs, table.update)
     for spec, r in zip(specs, results, strict=True):

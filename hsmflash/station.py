@@ -38,6 +38,7 @@ class DeviceJob:
     efuse_file: str | None = None
     flash_file: str | None = None
     baud: int = 460800
+    debug: bool = False  # --debug: the worker prints the traceback of its error
 
 
 def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
@@ -67,6 +68,10 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
             return Provisioner(st, policy, chip, job.images, progress).provision(
                 device, dry_run=job.dry_run)
     except Error as e:
+        if job.debug:
+            import traceback
+
+            traceback.print_exc()
         return e
 
 
@@ -105,8 +110,14 @@ def run_jobs(jobs: list[DeviceJob], progress: Callable[[str, str], None]) -> lis
                     try:
                         results.append(future.result())
                     except Exception as e:
-                        results.append(InternalError(f"{job.name}: worker process failed "
-                                                     f"({type(e).__name__})"))
+                        if job.debug:  # the worker's traceback travels as the cause
+                            import traceback
+
+                            traceback.print_exception(e)
+                        first = str(e).splitlines()[0] if str(e) else ""
+                        results.append(InternalError(
+                            f"{job.name}: worker process failed ({type(e).__name__}"
+                            f"{': ' + first if first else ''}; rerun with --debug)"))
         finally:
             queue.put(None)
             reader.join(timeout=5)

@@ -150,8 +150,8 @@ class Bench:
     def subprocess(self, *args: str | Path, audit_log: Path) -> Result:
         """`hsmflash ARGS` as a separate process (the installed entry point).
 
-        Station mode runs devices in threads; a token library that is not thread-safe could
-        abort the process, which must not be the test runner.
+        Station mode runs devices in worker processes; a token library that crashed one would
+        take the test runner with it.
         """
         env = {k: v for k, v in os.environ.items() if not k.startswith("HSMFLASH_")}
         env.update({**self.env, "HSMFLASH_AUDIT_LOG": str(audit_log)})
@@ -448,6 +448,26 @@ def test_station_mode_virtual_devices_and_manifest(bench: Bench, cli: Callable[.
     rows = list(csv.DictReader(manifest.open()))
     assert sorted(r["mac"] for r in rows) == macs
     assert all(r["result"] == "provisioned" and r["chip"] == "esp32s3" for r in rows)
+
+
+def test_station_mode_one_bad_device_fails_alone(bench: Bench, cli: Callable[..., Result],
+                                                 tmp_path: Path) -> None:
+    good = bench.new_chip(tmp_path, "esp32s3", "good", mac="7c:df:a1:00:11:01")
+    bad = bench.new_chip(tmp_path, "esp32", "bad")  # an ESP32 presented as an ESP32-S3
+    before = snapshot(*bad)
+    args = ["--policy", bench.policy, "provision", "--chip", "esp32s3",
+            "--virtual-efuses", good[0], "--virtual-flash", good[1],
+            "--virtual-efuses", bad[0], "--virtual-flash", bad[1], *bench.image_args("esp32s3")]
+    r = bench.subprocess(*args, audit_log=tmp_path / "audit.jsonl")
+    assert r.code == DEVICE_ERROR, r.output
+    assert f"1 of 2 device(s) failed; first: {bad[0]}" in r.err
+    assert "Traceback" not in r.err
+    assert snapshot(*bad) == before
+    check_virtual(bench, "esp32s3", *good, tmp_path, mac="7c:df:a1:00:11:01")
+    # --debug: the worker's traceback, for a bug report
+    r = bench.subprocess("--debug", *args, audit_log=tmp_path / "audit.jsonl")
+    assert r.code == DEVICE_ERROR, r.output
+    assert "Traceback" in r.err and "hsmflash/device.py" in r.err and "wrong chip" in r.err
 
 
 # ---------------------------------------------------------------------------------------
