@@ -260,12 +260,15 @@ class VirtualDevice(Device):
 
     def read_flash(self, address: int, size: int) -> bytes:
         self._check_range(address, size)
+        if not self.flash_file.exists():  # never written: erased
+            return _ERASED * size
         with open(self.flash_file, "rb") as f:
             f.seek(address)
             return f.read(size)
 
     def write_flash(self, address: int, data: bytes) -> None:
         self._check_range(address, len(data))
+        _ensure_flash_file(self.flash_file, self.flash_size)
         with open(self.flash_file, "r+b") as f:
             f.seek(address)
             f.write(data)
@@ -320,7 +323,7 @@ def efuse_field_names(chip: str) -> frozenset[str]:
         return frozenset(str(e.name) for e in commands.efuses)
 
 
-def _ensure_flash_file(flash_file: Path, size: int) -> None:
+def _check_flash_file(flash_file: Path, size: int) -> None:
     if size <= 0 or size % 4096:
         raise InputError(
             f"flash size {size:#x} for {flash_file} is not a positive multiple of 4 KiB"
@@ -331,6 +334,11 @@ def _ensure_flash_file(flash_file: Path, size: int) -> None:
             raise InputError(
                 f"flash file {flash_file} is {actual:#x} bytes, expected {size:#x}"
             )
+
+
+def _ensure_flash_file(flash_file: Path, size: int) -> None:
+    """Create the flash file erased (0xFF), atomically, unless it exists."""
+    if flash_file.exists():
         return
     tmp = flash_file.with_name(flash_file.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -351,8 +359,9 @@ def open_virtual(
 ) -> VirtualDevice:
     """Open a virtual chip: espefuse's emulator on `efuse_file` and a flash image file.
 
-    The eFuse file must exist (make one with `hsmflash.virtual.create_virtual_chip`); the
-    flash file is created erased (0xFF) when missing.
+    The eFuse file must exist (make one with `hsmflash.virtual.create_virtual_chip`); a
+    missing flash file reads as erased (0xFF) and is created at the first write, so a dry
+    run leaves nothing behind.
 
     Raises:
         InputError: unknown chip, missing eFuse file, or a flash file of the wrong size.
@@ -371,7 +380,7 @@ def open_virtual(
         # espefuse's emulator would silently grow another chip's file into a blank chip
         raise DeviceError(f"virtual eFuse file {efuse_file} is {actual} bytes, not an "
                           f"{chip_obj.name} eFuse file ({expected} bytes): wrong chip")
-    _ensure_flash_file(flash_file, flash_size)
+    _check_flash_file(flash_file, flash_size)
 
     from espefuse import init_commands
 
