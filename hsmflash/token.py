@@ -113,8 +113,17 @@ class KeyRef:
         return f"pkcs11:token={q(self.token or token_label)};object={q(self.label)}"
 
 
-# token lookups and logins retried while other processes rewrite the token (0.6 s at most)
-_LOOKUP_ATTEMPTS = 8
+# SoftHSM rewrites a token's file on every login; a process reading it just then (C_Initialize,
+# C_GetTokenInfo, C_Login) sees no token or gets CKR_GENERAL_ERROR. Station workers log in
+# together, so lookups and logins are retried (0.6 s at most), CKR_GENERAL_ERROR only on
+# SoftHSM: on an HSM it means a real failure.
+_RETRY_ATTEMPTS = 8
+# sessions this process holds open: the module is re-initialised only when there are none
+_open_sessions = 0
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.01 * 2**attempt, 0.16))
 
 
 @dataclass
@@ -125,6 +134,7 @@ class TokenConfig:
     token_label: str | None = None
     pin_handler: PinHandler | None = None
     _lib: Any = field(default=None, repr=False)
+    _token: Any = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -154,46 +164,46 @@ class TokenConfig:
         self.lib()
         return str(self._module_path)
 
+    @property
+    def is_softhsm(self) -> bool:
+        return "softhsm" in Path(self.module_path).name.lower()
+
     def token(self) -> Any:
-        """Find the token by label.
+        """Find the token by label (once; later calls return the same token).
 
         Raises:
             TokenError: no token, or several tokens, carry the label.
         """
+        if self._token is not None:
+            return self._token
         lib = self.lib()
-        for attempt in range(_LOOKUP_ATTEMPTS):
+        retried = (p11x.NoSuchToken, p11x.GeneralError) if self.is_softhsm else (p11x.NoSuchToken,)
+        for attempt in range(_RETRY_ATTEMPTS):
             try:
-                return lib.get_token(token_label=self.label)
-            except (p11x.NoSuchToken, p11x.GeneralError):
-                # SoftHSM rewrites a token's file on every login. A process reading it just
-                # then (C_Initialize, C_GetTokenInfo) sees no token or gets CKR_GENERAL_ERROR
-                # until the module is initialised again: station workers logging in at once.
-                if attempt < _LOOKUP_ATTEMPTS - 1:
-                    time.sleep(min(0.01 * 2**attempt, 0.16))
+                self._token = lib.get_token(token_label=self.label)
+                return self._token
+            except retried as e:
+                if attempt == _RETRY_ATTEMPTS - 1:
+                    if isinstance(e, p11x.GeneralError):
+                        raise wrap_pkcs11(e, f"token {self.label!r}") from e
+                    break
+                _backoff(attempt)
+                if _open_sessions == 0:  # never pull the module from under an open session
                     try:
                         lib.reinitialize()
                     except p11x.PKCS11Error:
                         pass
-                    continue
-                break
             except p11x.MultipleTokensReturned:
                 raise TokenError(f"several tokens are labelled {self.label!r}") from None
             except p11x.PKCS11Error as e:
                 raise wrap_pkcs11(e, f"token {self.label!r}") from e
+        labels = []
         try:
-            return lib.get_token(token_label=self.label)
-        except p11x.NoSuchToken:
-            labels = []
-            try:
-                labels = [t.label for t in lib.get_tokens()]
-            except p11x.PKCS11Error:
-                pass
-            hint = f" (tokens present: {', '.join(labels)})" if labels else " (no tokens present)"
-            raise TokenError(f"no token labelled {self.label!r}{hint}") from None
-        except p11x.MultipleTokensReturned:
-            raise TokenError(f"several tokens are labelled {self.label!r}") from None
-        except p11x.PKCS11Error as e:
-            raise wrap_pkcs11(e, f"token {self.label!r}") from e
+            labels = [t.label for t in lib.get_tokens()]
+        except p11x.PKCS11Error:
+            pass
+        hint = f" (tokens present: {', '.join(labels)})" if labels else " (no tokens present)"
+        raise TokenError(f"no token labelled {self.label!r}{hint}")
 
 
 _PKCS11_MESSAGES: dict[type[BaseException], str] = {
@@ -218,20 +228,18 @@ def wrap_pkcs11(e: BaseException, what: str) -> TokenError:
     return TokenError(f"{what}: PKCS#11 error {type(e).__name__}{': ' + detail if detail else ''}")
 
 
-def _log_in(token: Any, rw: bool, pin: str | None) -> Any:
-    """Open a session and log in. CKR_GENERAL_ERROR is retried: SoftHSM gives it to a login
-    that reads the token file while another process's login rewrites it. A wrong PIN is
-    never retried."""
-    for attempt in range(_LOOKUP_ATTEMPTS):
+def _log_in(token: Any, rw: bool, pin: str | None, *, retry_general_error: bool) -> Any:
+    """Open a session and log in; a wrong PIN is never retried."""
+    for attempt in range(_RETRY_ATTEMPTS):
         try:
             return token.open(rw=rw, user_pin=pin)
         except p11x.UserAlreadyLoggedIn:
             # this process already holds a logged-in session (PKCS#11 login is per application)
             return token.open(rw=rw)
         except p11x.GeneralError:
-            if attempt == _LOOKUP_ATTEMPTS - 1:
+            if not retry_general_error or attempt == _RETRY_ATTEMPTS - 1:
                 raise
-            time.sleep(min(0.01 * 2**attempt, 0.16))
+            _backoff(attempt)
     raise AssertionError("unreachable")
 
 
@@ -251,15 +259,18 @@ def open_session(config: TokenConfig, *, rw: bool = False, login: bool = True) -
                 "or run interactively"
             )
         pin = config.pin_handler(f"User PIN for token {config.label!r}: ")
+    global _open_sessions
     try:
-        session = _log_in(token, rw, pin)
+        session = _log_in(token, rw, pin, retry_general_error=config.is_softhsm)
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"token {config.label!r}") from e
+    _open_sessions += 1
     try:
         yield session
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"token {config.label!r}") from e
     finally:
+        _open_sessions -= 1
         try:
             session.close()
         except p11x.PKCS11Error:

@@ -56,3 +56,14 @@ def test_no_pin_source_non_interactive(token_env, monkeypatch):
 def test_pin_is_not_accepted_on_the_command_line(token_env, flag):
     r = run_cli(flag, "1234", "keys", "list")
     assert r.code == 2
+
+
+def test_looking_up_a_missing_token_leaves_open_sessions_working(session) -> None:  # type: ignore[no-untyped-def]
+    # the lookup retries (a station worker may be rewriting the token) but must not
+    # re-initialise the module under a session this process holds open
+    from hsmflash.errors import TokenError
+    from hsmflash.token import TokenConfig
+
+    with pytest.raises(TokenError, match="no token labelled 'no-such-token'"):
+        TokenConfig(token_label="no-such-token").token()
+    assert len(session.generate_random(128)) == 16  # the session still answers
