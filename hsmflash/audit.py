@@ -321,9 +321,12 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
         raise VerificationFailed(f"{where}: checkpoint signature is not a P-256 r||s")
     if public_key is None:
         return
-    if rec.get("key_fp") not in (None, key_fp):
+    recorded = rec.get("key_fp")
+    # hsmflash 0.1 wrote checkpoint fingerprints as bare hex, without "sha256:"
+    if recorded is not None and key_fp is not None \
+            and str(recorded).removeprefix("sha256:") != key_fp.removeprefix("sha256:"):
         raise VerificationFailed(f"{where}: checkpoint was signed by another key "
-                                 f"({str(rec['key_fp'])[:23]}...)")
+                                 f"({str(recorded)[:23]}...)")
     der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
                                      int.from_bytes(raw[_P256_HALF:], "big"))
     try:

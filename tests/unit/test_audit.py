@@ -224,6 +224,22 @@ def test_verifying_with_another_key_fails(log_path: Path) -> None:
         verify_log(log_path, SoftwareAuditSigner().public_key())
 
 
+def test_checkpoint_fingerprints_without_prefix_still_verify(log_path: Path) -> None:
+    # logs written before key_fp became "sha256:<hex>" in checkpoints too
+    signer = SoftwareAuditSigner()
+    new_log(log_path, 3).checkpoint(signer, MemoryHeadStore())
+    ls = lines(log_path)
+    rec = json.loads(ls[3])
+    assert rec["key_fp"].startswith("sha256:")
+    rec["key_fp"] = rec["key_fp"].removeprefix("sha256:")
+    from hsmflash.audit import record_hash
+    rec["hash"] = record_hash(rec)
+    rewrite(log_path, [*ls[:3], (json.dumps(rec) + "\n").encode()])
+    assert verify_log(log_path, signer.public_key()).checkpoints == 1
+    with pytest.raises(VerificationFailed, match="signed by another key"):
+        verify_log(log_path, SoftwareAuditSigner().public_key())
+
+
 def test_with_a_key_a_log_without_any_checkpoint_fails(log_path: Path) -> None:
     new_log(log_path, 2)
     with pytest.raises(VerificationFailed, match="no checkpoint"):
