@@ -1005,7 +1005,7 @@ PortOpt = Annotated[list[str] | None, typer.Option(
 VEfuseOpt = Annotated[list[str] | None, typer.Option(
     "--virtual-efuses", help="Virtual chip's eFuse file (repeat, paired with --virtual-flash).")]
 VFlashOpt = Annotated[list[str] | None, typer.Option(
-    "--virtual-flash", help="Virtual chip's flash file (created erased when missing).")]
+    "--virtual-flash", help="Virtual chip's flash file (created erased at the first write).")]
 ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="ADDR=FILE to write encrypted (repeat); default: the policy's images.")]
 ManifestOpt = Annotated[str | None, typer.Option(

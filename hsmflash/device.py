@@ -268,12 +268,16 @@ class VirtualDevice(Device):
 
     def write_flash(self, address: int, data: bytes) -> None:
         self._check_range(address, len(data))
-        _ensure_flash_file(self.flash_file, self.flash_size)
-        with open(self.flash_file, "r+b") as f:
-            f.seek(address)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            _ensure_flash_file(self.flash_file, self.flash_size)
+            with open(self.flash_file, "r+b") as f:
+                f.seek(address)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise DeviceError(f"writing virtual flash {self.flash_file}: "
+                              f"{e.strerror or e}") from e
 
     def flash_md5(self, address: int, size: int) -> str:
         return hashlib.md5(self.read_flash(address, size), usedforsecurity=False).hexdigest()
@@ -334,6 +338,15 @@ def _check_flash_file(flash_file: Path, size: int) -> None:
             raise InputError(
                 f"flash file {flash_file} is {actual:#x} bytes, expected {size:#x}"
             )
+        if not os.access(flash_file, os.W_OK):
+            raise InputError(f"flash file {flash_file} is not writable")
+        return
+    # created at the first write, which comes after the first eFuse burn: check now
+    parent = flash_file.parent
+    if not parent.is_dir():
+        raise InputError(f"flash file {flash_file}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"flash file {flash_file}: directory {parent} is not writable")
 
 
 def _ensure_flash_file(flash_file: Path, size: int) -> None:

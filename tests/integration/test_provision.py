@@ -612,6 +612,13 @@ def test_revision_outside_policy_is_refused(bench: Bench, cli: Callable[..., Res
     assert "revision" in r.err.lower() or "not covered" in r.err.lower()
 
 
+def test_flash_file_in_a_missing_directory_is_refused_before_any_burn(
+        bench: Bench, cli: Callable[..., Result], tmp_path: Path) -> None:
+    efuse, _ = bench.new_chip(tmp_path, "esp32s3")
+    flash = tmp_path / "no-such-dir" / "dev.flash"
+    _refused(bench, "esp32s3", efuse, flash, BAD_INPUT, "no-such-dir", "does not exist")
+
+
 def test_missing_image_is_refused(bench: Bench, cli: Callable[..., Result],
                                   tmp_path: Path) -> None:
     efuse, flash = bench.new_chip(tmp_path, "esp32s3")
