@@ -203,6 +203,8 @@ def _app_for(argv: list[str]) -> typer.Typer:
         if not arg.startswith("-"):
             name = arg
             break
+        if arg == "--help":  # before the command: the app's help, every command listed
+            return app
         if arg in GLOBAL_VALUE_OPTIONS:
             next(args, None)
     commands = [c for c in app.registered_commands if c.name == name]

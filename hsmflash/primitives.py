@@ -70,7 +70,7 @@ def public_key_der(public_key: PublicKey) -> bytes:
     """The DER SubjectPublicKeyInfo of an RSA or P-256/P-384 key.
 
     Equal to cryptography's `public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)`
-    (tests/unit/test_signing_formats.py); written out because importing cryptography's
+    (tests/unit/test_primitives.py); written out because importing cryptography's
     serialization package costs every command about 6 ms.
     """
     if isinstance(public_key, rsa.RSAPublicKey):

@@ -245,7 +245,9 @@ def sign_sbv2(
     """Sign an app or bootloader image for Secure Boot V2, exactly as `espsecure sign-data -v2`.
 
     Without `append` the image must be unsigned. With `append` a signature block is added to
-    an already signed image (an unsigned one is simply signed).
+    an already signed image (an unsigned one is simply signed). `info` is
+    `inspect_image(image, chip)` when the caller has just computed it (it is not re-checked
+    beyond size and chip); without it the image is inspected here.
 
     Raises:
         InputError: the image is not a valid image for `chip`; the chip does not accept the

@@ -30,6 +30,8 @@ def test_only_the_named_command_is_built() -> None:
 def test_help_and_unknown_names_get_the_whole_app() -> None:
     assert _app_for([]) is app
     assert _app_for(["--help"]) is app
+    assert _app_for(["--help", "sign"]) is app
+    assert _names(_app_for(["sign", "--help"])) == ["sign"]
     assert _app_for(["sgin"]) is app
     assert len(_names(app)) > 10
 

@@ -14,6 +14,8 @@ KEYS = [
     ("rsa-3072", lambda: rsa.generate_private_key(65537, 3072)),
     ("rsa-2048 e=3", lambda: rsa.generate_private_key(3, 2048)),
     ("rsa-4096", lambda: rsa.generate_private_key(65537, 4096)),
+    # DER lengths of 128-255 bytes (the one-byte long form); not a key anyone should sign with
+    ("rsa-1024", lambda: rsa.generate_private_key(65537, 1024)),  # noqa: S505
     ("ec-p256", lambda: ec.generate_private_key(ec.SECP256R1())),
     ("ec-p384", lambda: ec.generate_private_key(ec.SECP384R1())),
 ]
