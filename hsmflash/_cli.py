@@ -506,16 +506,18 @@ def sign_cmd(
     The chip is read from the image header when --chip is not given.
     """
     from hsmflash.chips import get_chip
-    from hsmflash.fileio import atomic_write, read_input
+    from hsmflash.fileio import BackgroundWrite, check_output, read_input
     from hsmflash.release import sign_image
 
     c = ctx_of(ctx)
     data = read_input(image, "image")
+    check_output(output)
     the_chip = get_chip(chip) if chip else _chip_from_image(data, str(image))
     with c.station() as st:
         result = sign_image(st, data, the_chip, st.key(key), scheme, append=append,
                             name=str(image))
-        atomic_write(output, result.output)
+        writing = BackgroundWrite(output, result.output)  # while the station checkpoints
+    writing.wait()
     s = result.summary()
     s["output_file"] = str(output)
     c.emit(s, f"signed {image} -> {output}: {result.scheme} {result.chip}, key {result.key} "
@@ -607,13 +609,14 @@ def digest_bootloader_cmd(
 ) -> None:
     """Secure Boot V1 bootloader digest (as `espsecure digest-secure-bootloader`), AES in
     the token."""
-    from hsmflash.fileio import atomic_write, read_input
+    from hsmflash.fileio import atomic_write, check_output, read_input
     from hsmflash.kdf import parse_mac
     from hsmflash.release import bootloader_digest
 
     c = ctx_of(ctx)
     data = read_input(bootloader, "bootloader")
     iv_bytes = read_input(iv, "IV file") if iv else None
+    check_output(output)
     mac = parse_mac(device) if device else None
     if (key is None) == (master is None):
         raise UsageError("give --key NAME, or --master NAME with --device MAC")
@@ -648,6 +651,7 @@ def derive_cmd(
 
     With --devices, derive a whole lot and write its KCV manifest (audited as one batch).
     """
+    from hsmflash.fileio import check_output
     from hsmflash.kdf import format_mac, key_length, parse_mac
     from hsmflash.perdevice import derive_kcv
 
@@ -656,6 +660,7 @@ def derive_cmd(
     if devices is not None:
         if output is None:
             raise UsageError("--devices needs -o/--output for the KCV manifest")
+        check_output(output, "KCV manifest")
         _derive_batch(c, master, purpose, devices, output, workers)
         return
     if device is None:
@@ -672,7 +677,7 @@ def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: str, output: s
                    device: str | None, devices: str | None, out_dir: str | None,
                    scheme: str | None) -> None:
     from hsmflash.chips import get_chip
-    from hsmflash.fileio import atomic_write, parse_int, read_input
+    from hsmflash.fileio import atomic_write, check_output, parse_int, read_input
     from hsmflash.kdf import parse_mac
     from hsmflash.perdevice import check_data, crypt_image
 
@@ -691,6 +696,7 @@ def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: str, output: s
         return
     if output is None:
         raise UsageError("missing -o/--output")
+    check_output(output)
     if (key is None) == (master is None):
         raise UsageError("give either --key NAME or --master NAME with --device MAC")
     if master is not None and device is None:
@@ -1133,6 +1139,7 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
                     baud: int) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
+    from hsmflash.fileio import check_output
     from hsmflash.provision import Provisioner
     from hsmflash.reflash import Reflasher
 
@@ -1141,6 +1148,8 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
         raise UsageError(f"{kind} needs --policy FILE with a [chips] profile")
     c.policy.profile(chip)
     specs = _device_specs(port, virtual_efuses, virtual_flash)
+    if manifest is not None:
+        check_output(manifest, "manifest")
     images = _images_for(c, chip, image)
     # refuse bad images, unsigned images and policy problems before any device is touched
     worker = Reflasher if kind == "flash" else Provisioner

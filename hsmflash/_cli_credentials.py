@@ -82,7 +82,7 @@ def issue_cmd(
         device_id,
         load_template,
     )
-    from hsmflash.fileio import atomic_write, parse_int
+    from hsmflash.fileio import atomic_write, check_output, parse_int
     from hsmflash.kdf import parse_mac
 
     c = _context(ctx)
@@ -95,6 +95,8 @@ def issue_cmd(
     tmpl = load_template(template) if template else default_template(settings)
     nvs_path = nvs_out or Path(f"nvs-{device_id(mac)}.bin")
     keys_path = nvs_keys_out or Path(f"nvs_keys-{device_id(mac)}.bin")
+    check_output(nvs_path, "NVS partition")
+    check_output(keys_path, "nvs_keys partition")
     with c.station() as st:
         parts = build_device_partitions(st, chip, mac, nvs_size=size, nvs_keys_address=k_addr,
                                         nvs_address=n_addr, template=tmpl, settings=settings)
@@ -170,10 +172,12 @@ def revoke_cmd(
 ) -> None:
     """Add a device to the revocation list, signed in the token; its credential stops working."""
     from hsmflash.credentials import revoke
+    from hsmflash.fileio import check_output
     from hsmflash.kdf import format_mac, parse_mac
 
     c = _context(ctx)
     mac = parse_mac(device)
+    check_output(list_file, "revocation list")
     settings = _settings(c, revocation_key=key)
     with c.station() as st:
         lst = revoke(st, list_file, mac, reason=reason, settings=settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from hsmflash.errors import InputError
@@ -23,6 +24,22 @@ def read_input(path: str | Path, what: str = "input file") -> bytes:
         raise InputError(f"{what} {str(path)!r} is a directory") from None
     except OSError as e:
         raise InputError(f"{what} {str(path)!r} unreadable: {e.strerror}") from None
+
+
+def check_output(path: str | Path, what: str = "output") -> None:
+    """Refuse an output path that cannot be written, before any key is used for it.
+
+    Raises:
+        InputError: the directory is missing or not writable, or the path is a directory.
+    """
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory")
+    if not directory.is_dir():
+        raise InputError(f"{what} {str(path)!r}: directory {str(directory)!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {str(path)!r}: directory {str(directory)!r} is not writable")
 
 
 def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
@@ -63,6 +80,29 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class BackgroundWrite:
+    """`atomic_write` in a thread, so the caller's token work (the audit checkpoint) overlaps
+    the write and its fsyncs. `wait()` returns once the file is in place, or raises what
+    `atomic_write` raised."""
+
+    def __init__(self, path: str | Path, data: bytes, mode: int = 0o644) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, data, mode),
+                                        name="atomic-write")
+        self._thread.start()
+
+    def _run(self, path: str | Path, data: bytes, mode: int) -> None:
+        try:
+            atomic_write(path, data, mode)
+        except BaseException as e:  # handed to wait()
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def parse_int(text: str, what: str) -> int:

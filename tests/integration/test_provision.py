@@ -619,6 +619,16 @@ def test_flash_file_in_a_missing_directory_is_refused_before_any_burn(
     _refused(bench, "esp32s3", efuse, flash, BAD_INPUT, "no-such-dir", "does not exist")
 
 
+def test_manifest_in_a_missing_directory_is_refused_before_any_burn(
+        bench: Bench, cli: Callable[..., Result], tmp_path: Path) -> None:
+    efuse, flash = bench.new_chip(tmp_path, "esp32s3")
+    before = snapshot(efuse, flash)
+    r = bench.provision("esp32s3", efuse, flash, "--manifest", tmp_path / "nope" / "m.csv")
+    assert r.code == BAD_INPUT, r.output
+    assert "nope" in r.err and "does not exist" in r.err
+    assert snapshot(efuse, flash) == before
+
+
 def test_missing_image_is_refused(bench: Bench, cli: Callable[..., Result],
                                   tmp_path: Path) -> None:
     efuse, flash = bench.new_chip(tmp_path, "esp32s3")
