@@ -156,7 +156,8 @@ class TokenKey:
         return "/".join(parts)
 
     def public_key(self) -> PublicKey:
-        """The public half as a cryptography object.
+        """The public half as a cryptography object (read from the token once: hsmflash's
+        keys are CKA_MODIFIABLE=false).
 
         Raises:
             InputError: this is a secret key, with no public half.
@@ -166,6 +167,10 @@ class TokenKey:
             raise InputError(f"key {self.name!r} is a {self.type} secret key; it has no public key")
         if self.public is None:
             raise TokenError(f"key {self.name!r}: public key object missing from the token")
+        return self._public_key
+
+    @functools.cached_property
+    def _public_key(self) -> PublicKey:
         return public_from_object(self.public, self.type)
 
     def fingerprint(self) -> str:
