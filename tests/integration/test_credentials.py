@@ -413,3 +413,15 @@ def test_chip_outside_the_policy_is_refused(keys, tmp_path):
     assert r.code == 5, r.output
     assert not nvs.exists()
 
+
+
+@pytest.mark.parametrize("which", ["--nvs-out", "--nvs-keys-out"])
+def test_issue_to_an_unwritable_path_uses_no_key(keys, tmp_path, which):  # type: ignore[no-untyped-def]
+    bad = tmp_path / "no-such-dir" / "out.bin"
+    log = tmp_path / "audit.jsonl"
+    before = log.read_bytes() if log.exists() else b""
+    r, nvs, nvs_keys = issue(keys, tmp_path, "7c:df:a1:00:30:01", "esp32s3", which, bad)
+    assert r.code == 3, r.output
+    assert str(bad) in r.err
+    assert (log.read_bytes() if log.exists() else b"") == before  # no key use recorded
+    assert not nvs.exists() and not nvs_keys.exists()
