@@ -33,7 +33,7 @@ def check_output(path: str | Path, what: str = "output") -> None:
         InputError: the directory is missing or not writable, or the path is a directory.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    directory = target.parent  # Path("x").parent is Path(".")
     if target.is_dir():
         raise InputError(f"{what} {str(path)!r} is a directory")
     if not directory.is_dir():
@@ -52,7 +52,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
         InputError: the directory does not exist or is not writable.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    directory = target.parent  # Path("x").parent is Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except FileNotFoundError:

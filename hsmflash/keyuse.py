@@ -346,8 +346,8 @@ class Station:
         """The token's audit key; generated in the token on first need (ec-p256, sign only)."""
         name = self.policy.audit_key
         if not key_exists(self.session, name):
-            generate_key(self.session, name, "ec-p256", ("sign",))
-        return TokenSigner(find_key(self.session, name, self.config.label))
+            return TokenSigner(generate_key(self.session, name, "ec-p256", ("sign",)))
+        return TokenSigner(self.key(name))
 
     def head_store(self) -> TokenHeadStore:
         ident = log_id(self.audit.path)

@@ -122,6 +122,10 @@ _RETRY_ATTEMPTS = 8
 _open_sessions = 0
 
 
+def _is_softhsm(module_path: str) -> bool:
+    return "softhsm" in Path(module_path).name.lower()
+
+
 def _backoff(attempt: int) -> None:
     time.sleep(min(0.01 * 2**attempt, 0.16))
 
@@ -148,7 +152,7 @@ class TokenConfig:
         """
         if self._lib is None:
             path = find_module(self.module)
-            if "softhsm" in Path(path).name and "SOFTHSM2_CONF" not in os.environ:
+            if _is_softhsm(path) and "SOFTHSM2_CONF" not in os.environ:
                 conf = checkout_softhsm_conf()
                 if conf is not None:
                     os.environ["SOFTHSM2_CONF"] = str(conf)
@@ -166,7 +170,7 @@ class TokenConfig:
 
     @property
     def is_softhsm(self) -> bool:
-        return "softhsm" in Path(self.module_path).name.lower()
+        return _is_softhsm(self.module_path)
 
     def token(self) -> Any:
         """Find the token by label (once; later calls return the same token).
