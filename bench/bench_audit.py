@@ -22,7 +22,7 @@ from hsmflash.audit import (
     checkpoint_digest,
     verify_log,
 )
-from hsmflash.primitives import fingerprint
+from hsmflash.formats.primitives import fingerprint
 
 
 def _raw_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> str:

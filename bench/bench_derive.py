@@ -9,7 +9,7 @@ software figures can be checked against the token's KCVs. Rates, per device (= 2
   what-if        the library path with TokenKey.usage read once (a recommended change)
   library+audit  perdevice.derive_kcv (`hsmflash derive`: Station.use, 2 fsync'd records)
   python-pkcs11  derive_key x2 + destroy x2 with hsmflash's template (the binding's floor)
-  batch path     hsmflash.rawderive (`derive --devices`): the same C_DeriveKey / KCV
+  batch path     hsmflash.token.rawderive (`derive --devices`): the same C_DeriveKey / KCV
                  C_Encrypt / C_DestroyObject through the C API on the session python-pkcs11
                  opened, no per-object Python class; also with a session-object master
   derive --devices  the whole process on a lot, with 1 and 2 worker processes
@@ -51,7 +51,7 @@ def ecb(key: bytes) -> Any:
 
 def software_peer(master: bytes, macs: list[bytes]) -> list[str]:
     """aes-ecb-v1 in memory with cryptography: K_D = AES-ECB_M(X_1 || X_2), then both KCVs."""
-    from hsmflash import kdf
+    from hsmflash.formats import kdf
 
     enc = ecb(master)
     out = []
@@ -129,13 +129,13 @@ def main() -> None:
     with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         from pkcs11 import Attribute, KeyType, Mechanism
 
-        from hsmflash import kdf
-        from hsmflash.keys import import_key
+        from hsmflash.encrypt import derive_kcv
+        from hsmflash.formats import kdf
         from hsmflash.keyuse import Station
-        from hsmflash.perdevice import derive_kcv
         from hsmflash.policy import unrestricted_policy
-        from hsmflash.rawderive import RawDeriver
-        from hsmflash.token import TokenConfig, find_module
+        from hsmflash.token.keys import import_key
+        from hsmflash.token.rawderive import RawDeriver
+        from hsmflash.token.session import TokenConfig, find_module
 
         config = TokenConfig(token_label=TOKEN_LABEL, pin_handler=lambda _prompt: pin)
         with Station.open(config, unrestricted_policy(), tmp / "audit.jsonl",

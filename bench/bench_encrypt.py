@@ -61,7 +61,7 @@ def median_seconds(fn: Callable[[], bytes], runs: int) -> tuple[float, bytes]:
 
 def software_kd(master: bytes, device: bytes, purpose: str) -> bytes:
     """aes-ecb-v1 in memory (DESIGN.md), to hand espsecure the plaintext per-device key."""
-    from hsmflash import kdf
+    from hsmflash.formats import kdf
 
     enc = Cipher(algorithms.AES(master), modes.ECB()).encryptor()  # noqa: S305 - the KDF is ECB
     return enc.update(b"".join(kdf.derivation_blocks(device, purpose))) + enc.finalize()
@@ -108,11 +108,11 @@ def main() -> None:
 
     with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         from hsmflash.chips import get_chip
-        from hsmflash.flashcrypt import esp32_encrypt, xts_encrypt
-        from hsmflash.keys import generate_key, import_key
+        from hsmflash.encrypt import PATH_ESP32_EXPORT, PATH_XTS, crypt_image
+        from hsmflash.formats.flashcrypt import esp32_encrypt, xts_encrypt
         from hsmflash.keyuse import Station, TokenCipher
-        from hsmflash.perdevice import PATH_ESP32_EXPORT, PATH_XTS, crypt_image
-        from hsmflash.token import TokenConfig, open_session
+        from hsmflash.token.keys import generate_key, import_key
+        from hsmflash.token.session import TokenConfig, open_session
 
         config = TokenConfig(token_label=TOKEN_LABEL, pin_handler=lambda _prompt: pin)
         xts_key = os.urandom(32)
@@ -133,7 +133,7 @@ def main() -> None:
         theirs_s, theirs = median_seconds(lambda: espsecure_encrypt(xts_key, image, aes_xts=True),
                                           args.runs)
         with open_session(config, rw=False) as session:
-            from hsmflash.keys import find_key
+            from hsmflash.token.keys import find_key
 
             key = find_key(session, XTS_KEY)
             k1, k2 = TokenCipher(key.objects[0]), TokenCipher(key.objects[1])

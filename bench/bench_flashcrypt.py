@@ -1,4 +1,4 @@
-"""Throughput of hsmflash.flashcrypt against espsecure on a 4 MiB random image.
+"""Throughput of hsmflash.formats.flashcrypt against espsecure on a 4 MiB random image.
 
 Run: .venv/bin/python bench/bench_flashcrypt.py [--mib N] [--runs N]
 Both sides run in this process; each figure is the median of several runs. The hsmflash side
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import espsecure
 
-from hsmflash.flashcrypt import esp32_encrypt, software_xts_pair, xts_encrypt
+from hsmflash.formats.flashcrypt import esp32_encrypt, software_xts_pair, xts_encrypt
 
 ADDRESS = 0x10000
 

@@ -33,7 +33,7 @@ def slot_id(label: str) -> int:
     """The SoftHSM2 slot holding the token (espsecure's config names a slot, not a label)."""
     import pkcs11
 
-    from hsmflash.token import find_module
+    from hsmflash.token.session import find_module
 
     return int(pkcs11.lib(find_module(None)).get_token(token_label=label).slot.slot_id)
 
@@ -73,7 +73,7 @@ def main() -> None:
         cfg = tmp / "hsm.cfg"
         fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            from hsmflash.token import find_module
+            from hsmflash.token.session import find_module
 
             f.write("[hsm_config]\n"
                     f"pkcs11_lib = {find_module(None)}\n"
@@ -106,7 +106,7 @@ def main() -> None:
         floor = {
             name: statistics.median(run_process([sys.executable, "-c", f"import {modules}"], env)
                                     for _ in range(3))
-            for name, modules in (("hsmflash", "hsmflash._cli, hsmflash.release"),
+            for name, modules in (("hsmflash", "hsmflash.cli.main, hsmflash.sign"),
                                   ("espsecure", "espsecure"))
         }
 

@@ -29,7 +29,7 @@ def throwaway_token(label: str) -> Iterator[tuple[Path, str]]:
     """A fresh SoftHSM2 token in a temp dir; SOFTHSM2_CONF is set (before the PKCS#11 library
     is loaded) for this process and its children. Yields (temp dir, user PIN); removes
     everything afterwards."""
-    from hsmflash.devtoken import init_token, write_conf
+    from hsmflash.devtools.devtoken import init_token, write_conf
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{label}-"))
     old_conf = os.environ.get("SOFTHSM2_CONF")

@@ -49,7 +49,7 @@ from hsmflash.errors import (
     TokenError,
     VerificationFailed,
 )
-from hsmflash.primitives import DigestSigner, PublicKey, fingerprint
+from hsmflash.formats.primitives import DigestSigner, PublicKey, fingerprint
 
 VERSION = 1
 GENESIS_PREV = "0" * 64

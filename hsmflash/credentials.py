@@ -44,16 +44,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
 
-from hsmflash import kdf
 from hsmflash.chips import get_chip
+from hsmflash.encrypt import crypt_image
 from hsmflash.errors import InputError, TokenError, VerificationFailed
 from hsmflash.fileio import atomic_write, read_input
-from hsmflash.flashcrypt import SoftwareAes
-from hsmflash.keys import TokenKey
+from hsmflash.formats import kdf
+from hsmflash.formats.flashcrypt import SoftwareAes
+from hsmflash.formats.primitives import PublicKey, fingerprint
 from hsmflash.keyuse import DerivedKey, Station, wipe
-from hsmflash.perdevice import crypt_image
 from hsmflash.policy import Policy
-from hsmflash.primitives import PublicKey, fingerprint
+from hsmflash.token.keys import TokenKey
 
 CREDENTIAL_PURPOSE = "CREDENTIAL"
 NVS_KEYS_PURPOSE = "NVS_KEYS"

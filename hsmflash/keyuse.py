@@ -24,13 +24,13 @@ from typing import Any
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from hsmflash import kdf
 from hsmflash.audit import AuditLog
 from hsmflash.errors import InputError, TokenError
-from hsmflash.keys import AUDIT_HEAD_LABEL, TokenKey, find_key, generate_key, key_exists
+from hsmflash.formats import kdf
+from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
-from hsmflash.primitives import PublicKey, SignatureAlgorithm
-from hsmflash.token import KeyRef, TokenConfig, open_session, supports, wrap_pkcs11
+from hsmflash.token.keys import AUDIT_HEAD_LABEL, TokenKey, find_key, generate_key, key_exists
+from hsmflash.token.session import KeyRef, TokenConfig, open_session, supports, wrap_pkcs11
 
 
 class TokenCipher:

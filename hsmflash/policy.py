@@ -12,7 +12,7 @@ from typing import Any
 
 from hsmflash.chips import SBV1, SBV2, get_chip
 from hsmflash.errors import Error, InputError, PolicyRefused
-from hsmflash.keys import ALLOWED_USAGES, KEY_TYPES, TokenKey, check_type_usage
+from hsmflash.token.keys import ALLOWED_USAGES, KEY_TYPES, TokenKey, check_type_usage
 
 KDF_SCHEMES = ("aes-ecb-v1",)
 

@@ -7,7 +7,7 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$top/softhsm/install.sh"
 cd "$top"
 
-.venv/bin/python -m hsmflash.devtoken softhsm
+.venv/bin/python -m hsmflash.devtools.devtoken softhsm
 export SOFTHSM2_CONF="$top/softhsm/softhsm2.conf"
 export HSMFLASH_PIN_FILE="$top/softhsm/user.pin"
 export HSMFLASH_POLICY="$top/policies/dev.toml"
@@ -24,7 +24,7 @@ $hs keys public audit -o work/audit.pem >/dev/null
 
 if $hs provision --help >/dev/null 2>&1; then
   echo "== provisioning virtual chips"
-  .venv/bin/python -m hsmflash.demo work
+  .venv/bin/python -m hsmflash.devtools.demo work
 fi
 
 echo "== audit log"

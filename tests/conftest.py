@@ -30,7 +30,7 @@ for _var in [v for v in os.environ if v.startswith("HSMFLASH_")]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    from hsmflash.devtoken import init_token, write_conf
+    from hsmflash.devtools.devtoken import init_token, write_conf
 
     if shutil.which("softhsm2-util") is None:
         raise pytest.UsageError("softhsm2-util not found: apt-get install softhsm2")
@@ -65,14 +65,14 @@ def token_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]
 
 @pytest.fixture
 def token_config():  # type: ignore[no-untyped-def]
-    from hsmflash.token import TokenConfig
+    from hsmflash.token.session import TokenConfig
 
     return TokenConfig(token_label=TOKEN_LABEL, pin_handler=lambda _prompt: USER_PIN)
 
 
 @pytest.fixture
 def session(token_config):  # type: ignore[no-untyped-def]
-    from hsmflash.token import open_session
+    from hsmflash.token.session import open_session
 
     with open_session(token_config, rw=True) as s:
         yield s
@@ -98,7 +98,7 @@ class Result:
 def run_cli(*args: str | os.PathLike[str]) -> Result:
     """Run `hsmflash ARGS` in-process through the real entry point (exit-code mapping
     included)."""
-    from hsmflash._cli import main
+    from hsmflash.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     argv = ["hsmflash", *[str(a) for a in args]]

@@ -7,7 +7,7 @@ import time
 
 def keep_logging_in(label: str, pin: str, seconds: float) -> int:
     """Log in and out again and again (SoftHSM rewrites the token file on each login)."""
-    from hsmflash.token import TokenConfig, open_session
+    from hsmflash.token.session import TokenConfig, open_session
 
     config = TokenConfig(token_label=label, pin_handler=lambda _prompt: pin)
     stop, count = time.monotonic() + seconds, 0
@@ -21,7 +21,7 @@ def look_up(label: str, times: int) -> list[str]:
     """Find the token by label `times` times, as each station worker does once; return the
     errors."""
     from hsmflash.errors import TokenError
-    from hsmflash.token import TokenConfig
+    from hsmflash.token.session import TokenConfig
 
     errors = []
     for _ in range(times):

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hsmflash.primitives import PublicKey, SignatureAlgorithm
+from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 
 
 class SoftwareSigner:

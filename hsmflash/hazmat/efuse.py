@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsmflash.device import Device, espressif_call
+from hsmflash.device.base import Device, espressif_call
 from hsmflash.errors import DeviceError, InputError, UsageError
 
 FieldValue = int | bool | str | bytes

@@ -93,8 +93,8 @@ def espsecure_decrypt(key: bytes, data: bytes, address: int, *, xts: bool) -> by
 @pytest.fixture
 def ccli(cli):  # type: ignore[no-untyped-def]
     """The CLI with `credentials` registered (the lead registers it in _cli; until then, here)."""
-    from hsmflash._cli import app
-    from hsmflash._cli_credentials import credentials_app
+    from hsmflash.cli.credentials import credentials_app
+    from hsmflash.cli.main import app
 
     if not any(g.name == "credentials" for g in app.registered_groups):
         app.add_typer(credentials_app, name="credentials")

@@ -53,7 +53,7 @@ def test_derived_keys_are_session_objects_and_master_stays_put(cli, tmp_path, un
     assert cli("derive", "--master", f"{uniq}-m", "--device", v["device"]).code == 0
     after = sum(1 for _ in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
     assert before == after
-    from hsmflash.keys import find_key
+    from hsmflash.token.keys import find_key
 
     master = find_key(session, f"{uniq}-m").primary
     assert master[Attribute.EXTRACTABLE] is False and master[Attribute.DERIVE] is True

@@ -15,7 +15,7 @@ import espsecure
 import pytest
 
 from doubles import FakeRomLoader
-from hsmflash.partitions import build, default_layout
+from hsmflash.formats.partitions import build, default_layout
 from imagebuilder import build_app, build_bootloader
 from make_kdf_vectors import derive  # the independent spec implementation
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pkcs11 import Attribute, Mechanism
 
-from hsmflash.keys import find_key
+from hsmflash.token.keys import find_key
 
 ATTRS = (Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.SIGN, Attribute.DERIVE,
          Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.WRAP, Attribute.UNWRAP)

@@ -118,7 +118,7 @@ class Bench:
             efuse.write_bytes(blank)
             return efuse, flash
         if not _unique(mac):  # the CLI refuses these; make one anyway
-            from hsmflash.virtual import create_virtual_chip
+            from hsmflash.device.virtual import create_virtual_chip
 
             major, minor = revision.split(".")
             create_virtual_chip(chip, efuse, bytes.fromhex(mac.replace(":", "")),
@@ -467,7 +467,7 @@ def test_station_mode_one_bad_device_fails_alone(bench: Bench, cli: Callable[...
     # --debug: the worker's traceback, for a bug report
     r = bench.subprocess("--debug", *args, audit_log=tmp_path / "audit.jsonl")
     assert r.code == DEVICE_ERROR, r.output
-    assert "Traceback" in r.err and "hsmflash/device.py" in r.err and "wrong chip" in r.err
+    assert "Traceback" in r.err and "hsmflash/device/" in r.err and "wrong chip" in r.err
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,16 +21,17 @@ def test_unknown_token_label(token_env):
 
 
 def test_wrong_pin_is_asked_once_and_not_retried(token_env, tmp_path, monkeypatch):
-    from hsmflash import _cli
+
+    from hsmflash.cli import main as cli_main
 
     asked = []
-    original = _cli.Context.pin_handler
+    original = cli_main.Context.pin_handler
 
     def counting(self, prompt):  # type: ignore[no-untyped-def]
         asked.append(prompt)
         return original(self, prompt)
 
-    monkeypatch.setattr(_cli.Context, "pin_handler", counting)
+    monkeypatch.setattr(cli_main.Context, "pin_handler", counting)
     monkeypatch.setenv("HSMFLASH_PIN", "definitely-wrong")
     log = tmp_path / "audit.jsonl"
     r = run_cli("keys", "generate", "never-made", "--type", "aes-256")
@@ -62,7 +63,7 @@ def test_looking_up_a_missing_token_leaves_open_sessions_working(session) -> Non
     # the lookup retries (a station worker may be rewriting the token) but must not
     # re-initialise the module under a session this process holds open
     from hsmflash.errors import TokenError
-    from hsmflash.token import TokenConfig
+    from hsmflash.token.session import TokenConfig
 
     with pytest.raises(TokenError, match="no token labelled 'no-such-token'"):
         TokenConfig(token_label="no-such-token").token()

@@ -23,7 +23,7 @@ from hsmflash.audit import (
     verify_log,
 )
 from hsmflash.errors import InputError, TokenError, VerificationFailed
-from hsmflash.primitives import PublicKey, SignatureAlgorithm
+from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 
 # -- test doubles of the token side --------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from hsmflash._cli import GLOBAL_VALUE_OPTIONS, _app_for, app
+from hsmflash.cli.main import GLOBAL_VALUE_OPTIONS, _app_for, app
 
 
 def test_global_value_options_are_the_apps() -> None:

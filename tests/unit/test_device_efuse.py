@@ -19,10 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmflash.device import check_unique_mac, open_device, open_virtual
+from hsmflash.device import open_device
+from hsmflash.device.base import check_unique_mac
+from hsmflash.device.virtual import create_virtual_chip, open_virtual
 from hsmflash.errors import DeviceError, InputError, UsageError
 from hsmflash.hazmat import efuse as hz
-from hsmflash.virtual import create_virtual_chip
 
 MAC = bytes.fromhex("240ac4a1b2c3")
 MAC_TEXT = "24:0a:c4:a1:b2:c3"

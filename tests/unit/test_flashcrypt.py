@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hsmflash.errors import InputError
-from hsmflash.flashcrypt import (
+from hsmflash.formats.flashcrypt import (
     SoftwareAes,
     esp32_block_tweak,
     esp32_decrypt,

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
 
 from hsmflash.chips import CHIPS
 from hsmflash.errors import InputError
-from hsmflash.images import esp_checksum, inspect_image
+from hsmflash.formats.images import esp_checksum, inspect_image
 from imagebuilder import build_app, build_bootloader, build_micropython_app
 from softsigner import SoftwareSigner, espsecure_key
 

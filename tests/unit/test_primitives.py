@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from hsmflash.primitives import fingerprint, public_key_der
+from hsmflash.formats.primitives import fingerprint, public_key_der
 
 KEYS = [
     ("rsa-3072", lambda: rsa.generate_private_key(65537, 3072)),

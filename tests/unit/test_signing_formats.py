@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
 
 from hsmflash.chips import CHIPS
 from hsmflash.errors import InputError, VerificationFailed
-from hsmflash.primitives import PublicKey
-from hsmflash.signing import (
+from hsmflash.formats.primitives import PublicKey
+from hsmflash.formats.secureboot import (
     sbv1_bootloader_digest,
     sbv1_public_key_bytes,
     sbv2_public_key_digest,

@@ -21,8 +21,8 @@ from typing import Any
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsmflash import kdf
 from hsmflash.errors import TokenError
+from hsmflash.formats import kdf
 from hsmflash.keyuse import split_for_purpose
 
 _ZERO16 = (ctypes.c_ubyte * 16)()
@@ -125,8 +125,8 @@ def _worker(args: tuple[str, str | None, str, str, str, list[bytes]]) -> list[st
     module, conf, label, pin, master_name, macs = args
     if conf:
         os.environ["SOFTHSM2_CONF"] = conf
-    from hsmflash.keys import find_key
-    from hsmflash.token import TokenConfig, open_session
+    from hsmflash.token.keys import find_key
+    from hsmflash.token.session import TokenConfig, open_session
 
     purpose = os.environ.get("HSMFLASH_RAW_PURPOSE", "XTS_AES_128_KEY")
     cfg = TokenConfig(module=module, token_label=label, pin_handler=lambda _p: pin)

@@ -29,7 +29,7 @@ from hsmflash.errors import (
 )
 from hsmflash.keyuse import Station
 from hsmflash.policy import Policy, load_policy, unrestricted_policy
-from hsmflash.token import TokenConfig
+from hsmflash.token.session import TokenConfig
 
 DEFAULT_AUDIT_LOG = "hsmflash-audit.jsonl"
 
@@ -256,7 +256,7 @@ def token_info(ctx: typer.Context) -> None:
 
     Needs no PIN.
     """
-    from hsmflash.token import MECHANISMS_THAT_MATTER, token_summary
+    from hsmflash.token.session import MECHANISMS_THAT_MATTER, token_summary
 
     c = ctx_of(ctx)
     info = token_summary(c.token_config())
@@ -305,7 +305,7 @@ def keys_generate(
     usage: UsageOpt = None,
 ) -> None:
     """Generate a key inside the token: sensitive, non-extractable, only the usages given."""
-    from hsmflash.keys import check_type_usage, generate_key
+    from hsmflash.token.keys import check_type_usage, generate_key
 
     c = ctx_of(ctx)
     flags = check_type_usage(key_type, usage)
@@ -331,8 +331,8 @@ def keys_import(
     Destroy the file afterwards: the token copy is the only one that should remain.
     """
     from hsmflash.fileio import read_input
-    from hsmflash.keys import check_type_usage, import_key
     from hsmflash.keyuse import wipe
+    from hsmflash.token.keys import check_type_usage, import_key
 
     c = ctx_of(ctx)
     flags = check_type_usage(key_type, usage)
@@ -353,7 +353,7 @@ def keys_import(
 @keys_app.command("create")
 def keys_create(ctx: typer.Context) -> None:
     """Create every key the policy declares that the token lacks (idempotent)."""
-    from hsmflash.keys import generate_key, key_exists
+    from hsmflash.token.keys import generate_key, key_exists
 
     c = ctx_of(ctx)
     pol = c.policy
@@ -383,8 +383,8 @@ def keys_create(ctx: typer.Context) -> None:
 @keys_app.command("list")
 def keys_list(ctx: typer.Context) -> None:
     """List the token's keys: type, usage, attributes, KCV or public-key fingerprint."""
-    from hsmflash.keys import list_keys
-    from hsmflash.token import open_session
+    from hsmflash.token.keys import list_keys
+    from hsmflash.token.session import open_session
 
     c = ctx_of(ctx)
     with open_session(c.token_config()) as session:
@@ -409,8 +409,8 @@ def keys_public(
     from cryptography.hazmat.primitives import serialization
 
     from hsmflash.fileio import atomic_write
-    from hsmflash.keys import find_key
-    from hsmflash.token import KeyRef, open_session
+    from hsmflash.token.keys import find_key
+    from hsmflash.token.session import KeyRef, open_session
 
     c = ctx_of(ctx)
     cfg = c.token_config()
@@ -434,7 +434,7 @@ def policy_check(
     file: Annotated[str, typer.Argument(help="Policy TOML file.")],
 ) -> None:
     """Validate a policy file; errors name the field at fault (exit 3)."""
-    from hsmflash.provision import check_policy_efuses
+    from hsmflash.provision.provisioner import check_policy_efuses
 
     c = ctx_of(ctx)
     pol = load_policy(file)
@@ -457,9 +457,9 @@ def policy_check(
 def policy_audit(ctx: typer.Context) -> None:
     """Compare the live token with the policy; exit 5 when it departs (errors found)."""
     from hsmflash.errors import PolicyRefused
-    from hsmflash.keys import list_keys
     from hsmflash.policy import audit_token
-    from hsmflash.token import open_session
+    from hsmflash.token.keys import list_keys
+    from hsmflash.token.session import open_session
 
     c = ctx_of(ctx)
     pol = c.policy
@@ -507,7 +507,7 @@ def sign_cmd(
     """
     from hsmflash.chips import get_chip
     from hsmflash.fileio import BackgroundWrite, check_output, read_input
-    from hsmflash.release import sign_image
+    from hsmflash.sign import sign_image
 
     c = ctx_of(ctx)
     data = read_input(image, "image")
@@ -526,7 +526,7 @@ def sign_cmd(
 
 def _chip_from_image(data: bytes, name: str) -> Any:
     from hsmflash.chips import CHIPS
-    from hsmflash.images import image_chip_name
+    from hsmflash.formats.images import image_chip_name
 
     chip_name = image_chip_name(data)
     if chip_name in CHIPS:
@@ -547,9 +547,9 @@ def verify_cmd(
     """Verify a Secure Boot V2/V1 signature (exit 6 when it does not verify)."""
 
     from hsmflash.fileio import read_input
-    from hsmflash.keys import find_key
-    from hsmflash.release import load_public_key, verify_image
-    from hsmflash.token import KeyRef, open_session
+    from hsmflash.sign import load_public_key, verify_image
+    from hsmflash.token.keys import find_key
+    from hsmflash.token.session import KeyRef, open_session
 
     c = ctx_of(ctx)
     if (key is None) == (pubkey is None):
@@ -577,9 +577,9 @@ def keys_digest(
     """The eFuse value for a signing key: the SBv2 public-key digest, or the SBv1 public key."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import atomic_write
-    from hsmflash.keys import find_key
-    from hsmflash.release import key_digest
-    from hsmflash.token import KeyRef, open_session
+    from hsmflash.sign import key_digest
+    from hsmflash.token.keys import find_key
+    from hsmflash.token.session import KeyRef, open_session
 
     c = ctx_of(ctx)
     the_chip = get_chip(chip)
@@ -610,8 +610,8 @@ def digest_bootloader_cmd(
     """Secure Boot V1 bootloader digest (as `espsecure digest-secure-bootloader`), AES in
     the token."""
     from hsmflash.fileio import atomic_write, check_output, read_input
-    from hsmflash.kdf import parse_mac
-    from hsmflash.release import bootloader_digest
+    from hsmflash.formats.kdf import parse_mac
+    from hsmflash.sign import bootloader_digest
 
     c = ctx_of(ctx)
     data = read_input(bootloader, "bootloader")
@@ -651,9 +651,9 @@ def derive_cmd(
 
     With --devices, derive a whole lot and write its KCV manifest (audited as one batch).
     """
+    from hsmflash.encrypt import derive_kcv
     from hsmflash.fileio import check_output
-    from hsmflash.kdf import format_mac, key_length, parse_mac
-    from hsmflash.perdevice import derive_kcv
+    from hsmflash.formats.kdf import format_mac, key_length, parse_mac
 
     c = ctx_of(ctx)
     key_length(purpose)
@@ -677,9 +677,9 @@ def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: str, output: s
                    device: str | None, devices: str | None, out_dir: str | None,
                    scheme: str | None) -> None:
     from hsmflash.chips import get_chip
+    from hsmflash.encrypt import check_data, crypt_image
     from hsmflash.fileio import atomic_write, check_output, parse_int, read_input
-    from hsmflash.kdf import parse_mac
-    from hsmflash.perdevice import check_data, crypt_image
+    from hsmflash.formats.kdf import parse_mac
 
     c = ctx_of(ctx)
     the_chip = get_chip(chip)
@@ -716,9 +716,9 @@ def _crypt_command(ctx: typer.Context, decrypt: bool, input_file: str, output: s
 
 def _batch(c: Context, data: bytes, chip: Any, addr: int, master: str, devices: Path,
            out_dir: Path, scheme: str | None, name: str) -> None:
+    from hsmflash.encrypt import crypt_image, read_device_csv
     from hsmflash.fileio import atomic_write
-    from hsmflash.kdf import format_mac
-    from hsmflash.perdevice import crypt_image, read_device_csv
+    from hsmflash.formats.kdf import format_mac
 
     macs = read_device_csv(devices)
     if len(macs) > c.policy.limits.max_devices_per_batch:
@@ -834,9 +834,9 @@ def audit_verify(
 
     from hsmflash.audit import verify_log
     from hsmflash.fileio import read_input
-    from hsmflash.keys import find_key
     from hsmflash.keyuse import TokenHeadStore, log_id
-    from hsmflash.token import open_session
+    from hsmflash.token.keys import find_key
+    from hsmflash.token.session import open_session
 
     c = ctx_of(ctx)
     path = Path(log) if log else c.audit_log
@@ -993,8 +993,8 @@ def virtual_create(
                                           "(esp32: 1.0 for FiPy-era, 3.0 for ECO3).")] = "0.0",
 ) -> None:
     """Create a blank virtual chip with its own MAC and revision."""
-    from hsmflash.kdf import format_mac, parse_mac
-    from hsmflash.virtual import create_virtual_chip
+    from hsmflash.device.virtual import create_virtual_chip
+    from hsmflash.formats.kdf import format_mac, parse_mac
 
     c = ctx_of(ctx)
     try:
@@ -1038,7 +1038,7 @@ def _device_specs(ports: list[str] | None, efuses: list[str] | None,
 
 def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
     from hsmflash.fileio import read_input
-    from hsmflash.provision import parse_image_args
+    from hsmflash.provision.provisioner import parse_image_args
 
     args = list(images or [])
     if not args:
@@ -1104,7 +1104,7 @@ class _Table:
 def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
                  images: list[Any], dry_run: bool, manifest: str | None) -> list[Any]:
     """Provision or re-flash each device; several run in parallel worker processes."""
-    from hsmflash.station import DeviceJob, run_jobs
+    from hsmflash.provision.pool import DeviceJob, run_jobs
 
     table = _Table([s["name"] for s in specs], enabled=not c.json)
     cfg = c.token_config()
@@ -1140,8 +1140,8 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
-    from hsmflash.provision import Provisioner
-    from hsmflash.reflash import Reflasher
+    from hsmflash.provision.provisioner import Provisioner
+    from hsmflash.provision.reflash import Reflasher
 
     c = ctx_of(ctx)
     if not c.policy.chips:
@@ -1213,7 +1213,7 @@ def provision_cmd(
 
 
 # per-device credentials live in their own module; registered here, at the edge
-from hsmflash._cli_credentials import credentials_app  # noqa: E402
+from hsmflash.cli.credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
 
@@ -1249,10 +1249,10 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
     import hashlib
     import time
 
+    from hsmflash.encrypt import read_device_csv
     from hsmflash.fileio import atomic_write
-    from hsmflash.kdf import format_mac
-    from hsmflash.perdevice import read_device_csv
-    from hsmflash.rawderive import RawDeriver, kcvs_in_workers
+    from hsmflash.formats.kdf import format_mac
+    from hsmflash.token.rawderive import RawDeriver, kcvs_in_workers
 
     macs = read_device_csv(devices)
     limit = c.policy.limits.max_devices_per_batch

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from hsmflash.chips import CHIPS, Chip
 from hsmflash.errors import InputError, InternalError, VerificationFailed
-from hsmflash.images import (
+from hsmflash.formats.images import (
     CURVE_ID_P256,
     CURVE_ID_P384,
     ECDSA_SHA_256,
@@ -43,7 +43,7 @@ from hsmflash.images import (
     inspect_image,
     read_signature_blocks,
 )
-from hsmflash.primitives import BlockCipher, DigestSigner, PublicKey, SignatureAlgorithm
+from hsmflash.formats.primitives import BlockCipher, DigestSigner, PublicKey, SignatureAlgorithm
 
 RSA_BITS = 3072
 RSA_LEN = RSA_BITS // 8

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from hsmflash._cli import Context
+    from hsmflash.cli.main import Context
     from hsmflash.credentials import CredentialSettings
 
 credentials_app = typer.Typer(
@@ -29,7 +29,7 @@ RevKeyOpt = Annotated[str | None, typer.Option(
 
 
 def _context(ctx: typer.Context) -> Context:
-    from hsmflash._cli import ctx_of
+    from hsmflash.cli.main import ctx_of
 
     return ctx_of(ctx)
 
@@ -83,7 +83,7 @@ def issue_cmd(
         load_template,
     )
     from hsmflash.fileio import atomic_write, check_output, parse_int
-    from hsmflash.kdf import parse_mac
+    from hsmflash.formats.kdf import parse_mac
 
     c = _context(ctx)
     mac = parse_mac(device)
@@ -138,7 +138,7 @@ def check_cmd(
     )
     from hsmflash.errors import UsageError
     from hsmflash.fileio import read_input
-    from hsmflash.kdf import format_mac, parse_mac
+    from hsmflash.formats.kdf import format_mac, parse_mac
     from hsmflash.keyuse import wipe
 
     c = _context(ctx)
@@ -173,7 +173,7 @@ def revoke_cmd(
     """Add a device to the revocation list, signed in the token; its credential stops working."""
     from hsmflash.credentials import revoke
     from hsmflash.fileio import check_output
-    from hsmflash.kdf import format_mac, parse_mac
+    from hsmflash.formats.kdf import format_mac, parse_mac
 
     c = _context(ctx)
     mac = parse_mac(device)

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsmflash.errors import InputError, TokenError
-from hsmflash.primitives import PublicKey, fingerprint
-from hsmflash.token import wrap_pkcs11
+from hsmflash.formats.primitives import PublicKey, fingerprint
+from hsmflash.token.session import wrap_pkcs11
 
 KEY_TYPES: dict[str, str] = {
     "aes-128": "AES-128 secret key",

@@ -26,7 +26,7 @@ from array import array
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmflash.errors import InputError, InternalError
-from hsmflash.primitives import BlockCipher
+from hsmflash.formats.primitives import BlockCipher
 
 # Key bytes the caller may wipe afterwards; they are read in place.
 Buffer = bytes | bytearray | memoryview

@@ -32,14 +32,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hsmflash import flashcrypt, kdf, signing
 from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
-from hsmflash.device import Device
+from hsmflash.device.base import Device
+from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.formats import flashcrypt, kdf, secureboot
+from hsmflash.formats.images import ESP_IMAGE_MAGIC, inspect_image
 from hsmflash.hazmat import efuse as hz
-from hsmflash.images import ESP_IMAGE_MAGIC, inspect_image
 from hsmflash.keyuse import DerivedKey, Station, wipe
-from hsmflash.perdevice import PURPOSE_FOR_SCHEME
 from hsmflash.policy import ChipProfile, Policy
 
 # eFuses that close download mode: always burned in the very last step.
@@ -248,9 +248,9 @@ class Provisioner:
         for pub in self.sb_public:
             try:
                 if prof.secure_boot.scheme == SBV2:
-                    signing.verify_sbv2(img.data, pub, img.path)
+                    secureboot.verify_sbv2(img.data, pub, img.path)
                 else:
-                    signing.verify_sbv1(img.data, pub, img.path)
+                    secureboot.verify_sbv1(img.data, pub, img.path)
                 return
             except Exception as e:
                 problems.append(str(e))
@@ -327,7 +327,7 @@ class Provisioner:
                 used = {b for b, _ in plan.fe_blocks}
                 free = [b for b in self.chip.key_blocks if b not in used]
                 for i, pub in enumerate(self.sb_public):
-                    digest = signing.sbv2_public_key_digest(pub)
+                    digest = secureboot.sbv2_public_key_digest(pub)
                     block = free[i]
                     dpurpose = f"SECURE_BOOT_DIGEST{i}"
                     blk = state.key_blocks[block]
@@ -341,7 +341,7 @@ class Provisioner:
                             and blk.write_protected and blk.purpose_write_protected):
                         # blank, or killed inside the burn: burning again adds what is missing
                         plan.sb_burns.append((block, dpurpose, f"SBv2 digest of {sb.keys[i]}"))
-                plan.sb_kcv = ",".join(signing.sbv2_public_key_digest(p).hex()[:16]
+                plan.sb_kcv = ",".join(secureboot.sbv2_public_key_digest(p).hex()[:16]
                                        for p in self.sb_public)
 
         self._plan_flash(plan, mac)
@@ -579,7 +579,7 @@ class Provisioner:
                         burns.append(hz.KeyBurn(block, bytes(sbkey), None, rp))
                     else:
                         index = int(str(purpose)[-1])
-                        digest = signing.sbv2_public_key_digest(self.sb_public[index])
+                        digest = secureboot.sbv2_public_key_digest(self.sb_public[index])
                         burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
                 out["exported"] = exports
                 report = hz.burn(device, keys=burns, confirm=True)
@@ -594,7 +594,7 @@ class Provisioner:
         if write.address == SBV1_DIGEST_ADDRESS and self._is_sbv1_bootloader(img):
             sbk = self._derive(mac, "SECURE_BOOT_V1", "digest")
             try:
-                plain = signing.sbv1_bootloader_digest(img.data, sbk.ciphers()[0],
+                plain = secureboot.sbv1_bootloader_digest(img.data, sbk.ciphers()[0],
                                                        sbv1_iv(mac, img.data), img.path)
             finally:
                 sbk.destroy()
@@ -733,7 +733,7 @@ def check_policy_efuses(policy: Policy) -> None:
     Raises:
         InputError: naming the policy field (`chips.CHIP.harden`) and the unknown eFuse.
     """
-    from hsmflash.device import efuse_field_names
+    from hsmflash.device.base import efuse_field_names
 
     for chip, prof in policy.chips.items():
         names = efuse_field_names(chip)

@@ -1,6 +1,6 @@
 """The embedded default: a SoftHSM2 development token under the checkout.
 
-`python -m hsmflash.devtoken [DIR]` creates, idempotently, `DIR/softhsm2.conf` (from
+`python -m hsmflash.devtools.devtoken [DIR]` creates, idempotently, `DIR/softhsm2.conf` (from
 `softhsm2.conf.in`), the token directory `DIR/tokens/` and a token labelled `hsmflash-dev`,
 with random PINs kept in `DIR/pins` (mode 0600, ignored by git). The PINs never appear on a
 command line: softhsm2-util is driven through a pseudo-terminal.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from hsmflash.errors import TokenError
-from hsmflash.token import DEFAULT_TOKEN_LABEL
+from hsmflash.token.session import DEFAULT_TOKEN_LABEL
 
 TEMPLATE = "softhsm2.conf.in"
 

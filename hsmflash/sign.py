@@ -12,13 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hsmflash import signing
 from hsmflash.chips import SBV1, SBV2, Chip
 from hsmflash.errors import InputError
-from hsmflash.images import inspect_image
-from hsmflash.keys import TokenKey
+from hsmflash.formats import secureboot
+from hsmflash.formats.images import inspect_image
+from hsmflash.formats.primitives import PublicKey
 from hsmflash.keyuse import Station
-from hsmflash.primitives import PublicKey
+from hsmflash.token.keys import TokenKey
 
 SCHEMES = (SBV2, SBV1)
 
@@ -77,10 +77,10 @@ def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str
                 check=check) as outcome:
         signer = st.signer(key)
         if scheme == SBV2:
-            out = signing.sign_sbv2(image, signer, chip, append=append, name=name, info=info)
+            out = secureboot.sign_sbv2(image, signer, chip, append=append, name=name, info=info)
             count = len(info.sbv2_blocks) + 1
         else:
-            out = signing.sign_sbv1(image, signer, name=name)
+            out = secureboot.sign_sbv1(image, signer, name=name)
             count = 1
         out_sha = hashlib.sha256(out).hexdigest()
         outcome.update({"output_sha256": out_sha, "signatures": count})
@@ -95,19 +95,19 @@ def verify_image(image: bytes, public_key: PublicKey, scheme: str | None = None,
         VerificationFailed: the signature does not verify (exit 6).
         InputError: the key type fits no scheme.
     """
-    from hsmflash.images import SECTOR_SIZE, SIG_BLOCK_MAGIC
+    from hsmflash.formats.images import SECTOR_SIZE, SIG_BLOCK_MAGIC
 
     if scheme is None:
         # Only ECDSA P-256 keys sign both schemes; a (possibly damaged) SBv2 sector starts
         # with the block magic at the last 4 KiB boundary.
         looks_sbv2 = (len(image) >= SECTOR_SIZE and len(image) % SECTOR_SIZE == 0
                       and image[-SECTOR_SIZE] == SIG_BLOCK_MAGIC)
-        is_p256 = signing.key_algorithm(public_key) == "ec-p256"
+        is_p256 = secureboot.key_algorithm(public_key) == "ec-p256"
         scheme = SBV2 if (looks_sbv2 or not is_p256) else SBV1
     if scheme == SBV2:
-        index = signing.verify_sbv2(image, public_key, name)
+        index = secureboot.verify_sbv2(image, public_key, name)
         return {"scheme": SBV2, "block": index, "ok": True}
-    signing.verify_sbv1(image, public_key, name)
+    secureboot.verify_sbv1(image, public_key, name)
     return {"scheme": SBV1, "ok": True}
 
 
@@ -120,12 +120,12 @@ def key_digest(key: TokenKey, chip: Chip) -> dict[str, Any]:
     """
     pub = key.public_key()
     if key.type in chip.sbv2_algorithms:
-        digest = signing.sbv2_public_key_digest(pub)
+        digest = secureboot.sbv2_public_key_digest(pub)
         return {"scheme": SBV2, "chip": chip.name, "key": key.name, "digest": digest.hex(),
                 "bytes": digest, "what": "SHA-256 of the public key material: burn into a "
                 "SECURE_BOOT_DIGESTn key block (espefuse burn-key-digest takes the PEM)"}
     if chip.sbv1 and key.type == "ec-p256":
-        raw = signing.sbv1_public_key_bytes(pub)
+        raw = secureboot.sbv1_public_key_bytes(pub)
         return {"scheme": SBV1, "chip": chip.name, "key": key.name, "digest": raw.hex(),
                 "bytes": raw, "what": "raw public key for the SBv1 bootloader build "
                 "(signature_verification_key.bin)"}
@@ -146,20 +146,20 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
     from hsmflash.chips import CHIPS
 
     info = inspect_image(bootloader, CHIPS["esp32"], name)
-    iv = iv if iv is not None else os.urandom(signing.SBV1_IV_LEN)
-    if len(iv) != signing.SBV1_IV_LEN:
+    iv = iv if iv is not None else os.urandom(secureboot.SBV1_IV_LEN)
+    if len(iv) != secureboot.SBV1_IV_LEN:
         raise InputError(f"IV is {len(iv)} bytes; Secure Boot V1 needs 128")
     if cipher_key is not None:
         if cipher_key.type != "aes-256" or "encrypt" not in cipher_key.usage:
             raise InputError(f"key {cipher_key.name!r} must be aes-256 with usage encrypt")
         with st.use("sbv1.digest", cipher_key, subject={"image_sha256": info.sha256},
                     detail={"chip": "esp32"}) as outcome:
-            out = signing.sbv1_bootloader_digest(bootloader, st.cipher(cipher_key), iv, name)
+            out = secureboot.sbv1_bootloader_digest(bootloader, st.cipher(cipher_key), iv, name)
             outcome["output_sha256"] = hashlib.sha256(out).hexdigest()
         return out, cipher_key.kcv()
     if master is None or device is None:
         raise InputError("give --key NAME, or --master NAME with --device MAC")
-    from hsmflash.kdf import format_mac
+    from hsmflash.formats.kdf import format_mac
 
     def check() -> None:
         if st.policy.chips:
@@ -170,7 +170,7 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
                 detail={"chip": "esp32", "purpose": "SECURE_BOOT_V1"}, check=check) as outcome:
         derived = st.derive(master, device, "SECURE_BOOT_V1")
         try:
-            out = signing.sbv1_bootloader_digest(bootloader, derived.ciphers()[0], iv, name)
+            out = secureboot.sbv1_bootloader_digest(bootloader, derived.ciphers()[0], iv, name)
             kcv = derived.kcv
         finally:
             derived.destroy()

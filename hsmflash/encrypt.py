@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsmflash import flashcrypt, kdf
 from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_256, Chip
 from hsmflash.errors import InputError, InternalError, TokenError
-from hsmflash.keys import TokenKey
+from hsmflash.formats import flashcrypt, kdf
 from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.token.keys import TokenKey
 
 PURPOSE_FOR_SCHEME = {
     XTS_AES_128: "XTS_AES_128_KEY",

@@ -1,6 +1,6 @@
 """The quick start's main job on the embedded default: provision virtual chips end to end.
 
-`python -m hsmflash.demo WORKDIR` (run by softhsm/quickstart.sh with the dev token and
+`python -m hsmflash.devtools.demo WORKDIR` (run by softhsm/quickstart.sh with the dev token and
 policies/dev.toml in the environment) builds demo firmware (real ESP images, made with
 esptool's image classes by tests/imagebuilder.py, one of them carrying MicroPython frozen
 bytecode), signs it through the token, creates a virtual ESP32-S3 and a virtual ESP32 (FiPy,
@@ -32,7 +32,7 @@ def _hs(*args: str) -> None:
 
 def _firmware(work: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from hsmflash.partitions import build, default_layout
+    from hsmflash.formats.partitions import build, default_layout
     from imagebuilder import build_bootloader, build_micropython_app
 
     files = {

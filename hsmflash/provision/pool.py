@@ -47,9 +47,9 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
     from hsmflash.device import open_device
     from hsmflash.keyuse import Station
     from hsmflash.policy import load_policy
-    from hsmflash.provision import Provisioner
-    from hsmflash.reflash import Reflasher
-    from hsmflash.token import TokenConfig
+    from hsmflash.provision.provisioner import Provisioner
+    from hsmflash.provision.reflash import Reflasher
+    from hsmflash.token.session import TokenConfig
 
     try:
         policy = load_policy(job.policy_path)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hsmflash import kdf, partitions
 from hsmflash.chips import SBV2
-from hsmflash.device import Device
+from hsmflash.device.base import Device
+from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.formats import kdf, partitions
+from hsmflash.formats.images import ESP_IMAGE_MAGIC, read_signature_blocks
 from hsmflash.hazmat import efuse as hz
-from hsmflash.images import ESP_IMAGE_MAGIC, read_signature_blocks
-from hsmflash.perdevice import PURPOSE_FOR_SCHEME
-from hsmflash.provision import DeviceResult, Plan, Provisioner
+from hsmflash.provision.provisioner import DeviceResult, Plan, Provisioner
 
 PARTITION_TABLE = partitions.TABLE_ADDRESS
 
