@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
 
@@ -48,7 +48,7 @@ from hsmflash.chips import get_chip
 from hsmflash.encrypt import crypt_image
 from hsmflash.errors import InputError, TokenError, VerificationFailed
 from hsmflash.fileio import atomic_write, read_input
-from hsmflash.formats import kdf
+from hsmflash.formats import kdf, primitives
 from hsmflash.formats.flashcrypt import SoftwareAes
 from hsmflash.formats.primitives import PublicKey, fingerprint
 from hsmflash.keyuse import DerivedKey, Station, wipe
@@ -650,15 +650,12 @@ def _revoke_locked(st: Station, list_path: Path, device: bytes, mac: str, reason
 
 
 def load_public_key(path: str | Path) -> PublicKey:
-    """A PEM public key (as `hsmflash keys public` writes it).
+    """The revocation list's EC public key, a PEM file (as `hsmflash keys public` writes it).
 
     Raises:
-        InputError: missing file, not a PEM public key, or not RSA/EC.
+        InputError: missing file, not a PEM public key, or not EC.
     """
-    try:
-        key = serialization.load_pem_public_key(read_input(path, "public key"))
-    except ValueError:
-        raise InputError(f"public key {str(path)!r} is not a PEM public key") from None
+    key = primitives.load_public_key(read_input(path, "public key"), str(path))
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise InputError(f"public key {str(path)!r} is not an EC key")
     return key

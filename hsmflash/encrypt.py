@@ -48,11 +48,16 @@ class EncryptResult:
         return out
 
 
-def scheme_for(st: Station, chip: Chip, scheme: str | None) -> tuple[str, int]:
-    """The flash-encryption scheme and FLASH_CRYPT_CONFIG: explicit, else the policy's
-    profile, else the chip's default."""
+def scheme_for(st: Station, chip: Chip, scheme: str | None,
+               key: TokenKey | None = None) -> tuple[str, int]:
+    """The flash-encryption scheme and FLASH_CRYPT_CONFIG: explicit, else the stored key's
+    type where the chip supports it (an xts-aes-256 key on ESP32-S3 means XTS-AES-256, as
+    espsecure reads it from the key length), else the policy's profile, else the chip's
+    default."""
     prof = st.policy.chips.get(chip.name)
-    chosen = scheme or (prof.flash_encryption if prof else chip.default_flash_encryption())
+    from_key = key.type if key is not None and key.type in chip.flash_encryption else None
+    chosen = scheme or from_key or (
+        prof.flash_encryption if prof else chip.default_flash_encryption())
     chip.check_flash_encryption(chosen)
     return chosen, (prof.flash_crypt_config if prof else 0xF)
 
@@ -115,7 +120,7 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         PolicyRefused: the policy forbids the export (ESP32 classic) or decryption.
         TokenError: missing key usage or mechanism.
     """
-    scheme, crypt_config = scheme_for(st, chip, scheme)
+    scheme, crypt_config = scheme_for(st, chip, scheme, key)
     check_data(data, address, name)
     if (key is None) == (master is None):
         raise InputError("give either --key NAME or --master NAME with --device MAC")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsmflash.chips import SBV1, SBV2, get_chip
 from hsmflash.errors import Error, InputError, PolicyRefused
-from hsmflash.token.keys import ALLOWED_USAGES, KEY_TYPES, TokenKey, check_type_usage
+from hsmflash.keytypes import ALLOWED_USAGES, KEY_TYPES, check_type_usage
+
+if TYPE_CHECKING:
+    from hsmflash.token.keys import TokenKey
 
 KDF_SCHEMES = ("aes-ecb-v1",)
 

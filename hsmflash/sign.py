@@ -16,7 +16,6 @@ from hsmflash.chips import SBV1, SBV2, Chip
 from hsmflash.errors import InputError
 from hsmflash.formats import secureboot
 from hsmflash.formats.images import inspect_image
-from hsmflash.formats.primitives import PublicKey
 from hsmflash.keyuse import Station
 from hsmflash.token.keys import TokenKey
 
@@ -87,30 +86,6 @@ def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str
     return SignResult(out, scheme, chip.name, key.name, fp, info.sha256, out_sha, count)
 
 
-def verify_image(image: bytes, public_key: PublicKey, scheme: str | None = None,
-                 name: str = "image") -> dict[str, Any]:
-    """Verify an SBv2 (any block) or SBv1 signature; the scheme is detected when not given.
-
-    Raises:
-        VerificationFailed: the signature does not verify (exit 6).
-        InputError: the key type fits no scheme.
-    """
-    from hsmflash.formats.images import SECTOR_SIZE, SIG_BLOCK_MAGIC
-
-    if scheme is None:
-        # Only ECDSA P-256 keys sign both schemes; a (possibly damaged) SBv2 sector starts
-        # with the block magic at the last 4 KiB boundary.
-        looks_sbv2 = (len(image) >= SECTOR_SIZE and len(image) % SECTOR_SIZE == 0
-                      and image[-SECTOR_SIZE] == SIG_BLOCK_MAGIC)
-        is_p256 = secureboot.key_algorithm(public_key) == "ec-p256"
-        scheme = SBV2 if (looks_sbv2 or not is_p256) else SBV1
-    if scheme == SBV2:
-        index = secureboot.verify_sbv2(image, public_key, name)
-        return {"scheme": SBV2, "block": index, "ok": True}
-    secureboot.verify_sbv1(image, public_key, name)
-    return {"scheme": SBV1, "ok": True}
-
-
 def key_digest(key: TokenKey, chip: Chip) -> dict[str, Any]:
     """The value to burn into eFuse for a signing key: SBv2 public-key digest, or for SBv1
     the raw public key the bootloader build embeds.
@@ -176,32 +151,3 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
             derived.destroy()
         outcome.update({"device_kcv": kcv, "output_sha256": hashlib.sha256(out).hexdigest()})
     return out, kcv
-
-
-def load_public_key(data: bytes, name: str) -> PublicKey:
-    """A verification key from a PEM public key, a PEM private key (as espsecure accepts), or
-    espsecure's raw 64-byte SBv1 public key (`extract-public-key --version 1`).
-
-    Raises:
-        InputError: none of those, or not RSA/EC.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-    key: Any = None
-    if len(data) == 64 and not data.startswith(b"-----"):
-        try:
-            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + data)
-        except ValueError:
-            key = None
-    else:
-        for loader in (serialization.load_pem_public_key,
-                       lambda d: serialization.load_pem_private_key(d, None).public_key()):
-            try:
-                key = loader(data)
-                break
-            except (ValueError, TypeError):
-                continue
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise InputError(f"public key {name!r} is not a PEM key or a raw SBv1 public key")
-    return key

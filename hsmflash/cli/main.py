@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -27,9 +27,11 @@ from hsmflash.errors import (
     UsageError,
     VerificationFailed,
 )
-from hsmflash.keyuse import Station
 from hsmflash.policy import Policy, load_policy, unrestricted_policy
-from hsmflash.token.session import TokenConfig
+
+if TYPE_CHECKING:  # the token layer loads only for commands that use a token
+    from hsmflash.keyuse import Station
+    from hsmflash.token.session import TokenConfig
 
 DEFAULT_AUDIT_LOG = "hsmflash-audit.jsonl"
 
@@ -41,7 +43,7 @@ app = typer.Typer(
         "The PIN comes from HSMFLASH_PIN, --pin-file or a prompt; never from the command line."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -110,7 +112,9 @@ class Context:
             )
         return self._policy
 
-    def token_config(self) -> TokenConfig:
+    def token_config(self) -> "TokenConfig":
+        from hsmflash.token.session import TokenConfig
+
         pol = self.policy
         return TokenConfig(
             module=self.module or pol.token_module,
@@ -119,7 +123,9 @@ class Context:
         )
 
     @contextmanager
-    def station(self) -> Iterator[Station]:
+    def station(self) -> Iterator["Station"]:
+        from hsmflash.keyuse import Station
+
         with Station.open(self.token_config(), self.policy, self.audit_log) as st:
             yield st
 
@@ -187,6 +193,48 @@ def main_options(
 GLOBAL_VALUE_OPTIONS = frozenset({"--module", "--token", "--pin-file", "--policy", "--audit-log"})
 
 
+GLOBAL_FLAGS = frozenset({"--json", "--debug"})
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move global options written after the command to the front, where click reads them.
+
+    `hsmflash provision --policy P ...` then means `hsmflash --policy P provision ...`. Only
+    the global options' own names move (no command has an option of the same name); nothing
+    after a `--` moves.
+    """
+    head: list[str] = []
+    rest: list[str] = []
+    seen_command = False
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(args)
+            break
+        name = arg.split("=", 1)[0]
+        if not seen_command:
+            head.append(arg)
+            if name in GLOBAL_VALUE_OPTIONS and "=" not in arg:
+                value = next(args, None)
+                if value is not None:
+                    head.append(value)
+            elif not arg.startswith("-"):
+                seen_command = True
+            continue
+        if name in GLOBAL_VALUE_OPTIONS:
+            if "=" in arg:
+                head.insert(0, arg)
+            else:
+                value = next(args, None)
+                head[0:0] = [arg] if value is None else [arg, value]
+        elif arg in GLOBAL_FLAGS:
+            head.insert(0, arg)
+        else:
+            rest.append(arg)
+    return head + rest
+
+
 def _app_for(argv: list[str]) -> typer.Typer:
     """The app with only the command being run registered.
 
@@ -220,7 +268,8 @@ def main() -> NoReturn:
     """Console entry point: run the app, map hsmflash errors to DESIGN.md exit codes."""
     debug = "--debug" in sys.argv
     try:
-        rc = _app_for(sys.argv[1:])(standalone_mode=False)
+        argv = hoist_global_options(sys.argv[1:])
+        rc = _app_for(argv)(args=argv, standalone_mode=False)
     except Error as e:
         if debug:
             traceback.print_exc()
@@ -305,7 +354,8 @@ def keys_generate(
     usage: UsageOpt = None,
 ) -> None:
     """Generate a key inside the token: sensitive, non-extractable, only the usages given."""
-    from hsmflash.token.keys import check_type_usage, generate_key
+    from hsmflash.keytypes import check_type_usage
+    from hsmflash.token.keys import generate_key
 
     c = ctx_of(ctx)
     flags = check_type_usage(key_type, usage)
@@ -331,8 +381,9 @@ def keys_import(
     Destroy the file afterwards: the token copy is the only one that should remain.
     """
     from hsmflash.fileio import read_input
+    from hsmflash.keytypes import check_type_usage
     from hsmflash.keyuse import wipe
-    from hsmflash.token.keys import check_type_usage, import_key
+    from hsmflash.token.keys import import_key
 
     c = ctx_of(ctx)
     flags = check_type_usage(key_type, usage)
@@ -547,9 +598,8 @@ def verify_cmd(
     """Verify a Secure Boot V2/V1 signature (exit 6 when it does not verify)."""
 
     from hsmflash.fileio import read_input
-    from hsmflash.sign import load_public_key, verify_image
-    from hsmflash.token.keys import find_key
-    from hsmflash.token.session import KeyRef, open_session
+    from hsmflash.formats.primitives import load_public_key
+    from hsmflash.formats.secureboot import verify_image
 
     c = ctx_of(ctx)
     if (key is None) == (pubkey is None):
@@ -558,6 +608,9 @@ def verify_cmd(
     if pubkey is not None:
         pub: Any = load_public_key(read_input(pubkey, "public key"), str(pubkey))
     else:
+        from hsmflash.token.keys import find_key
+        from hsmflash.token.session import KeyRef, open_session
+
         cfg = c.token_config()
         with open_session(cfg, login=False) as session:
             pub = find_key(session, KeyRef.parse(str(key)).label, cfg.label).public_key()
@@ -834,9 +887,6 @@ def audit_verify(
 
     from hsmflash.audit import verify_log
     from hsmflash.fileio import read_input
-    from hsmflash.keyuse import TokenHeadStore, log_id
-    from hsmflash.token.keys import find_key
-    from hsmflash.token.session import open_session
 
     c = ctx_of(ctx)
     path = Path(log) if log else c.audit_log
@@ -850,6 +900,10 @@ def audit_verify(
         except ValueError:
             raise InputError(f"public key {str(pubkey)!r} is not a PEM public key") from None
     if with_token:
+        from hsmflash.keyuse import TokenHeadStore, log_id
+        from hsmflash.token.keys import find_key
+        from hsmflash.token.session import open_session
+
         cfg = c.token_config()
         with open_session(cfg) as session:
             ident = log_id(path)
@@ -1072,41 +1126,12 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-class _Table:
-    """The live progress table on stderr (one line per device, redrawn on a terminal)."""
-
-    def __init__(self, names: list[str], enabled: bool) -> None:
-        import threading
-
-        self.names = names
-        self.status = dict.fromkeys(names, "waiting")
-        self.lock = threading.Lock()
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.drawn = 0
-
-    def update(self, name: str, text: str) -> None:
-        with self.lock:
-            self.status[name] = text
-            if not self.enabled:
-                return
-            if not self.tty:
-                typer.echo(f"[{name}] {text}", err=True)
-                return
-            if self.drawn:
-                sys.stderr.write(f"\x1b[{self.drawn}F")
-            for n in self.names:
-                sys.stderr.write(f"\x1b[2K{n:40.40} {self.status[n]}\n")
-            self.drawn = len(self.names)
-            sys.stderr.flush()
-
-
 def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
                  images: list[Any], dry_run: bool, manifest: str | None) -> list[Any]:
     """Provision or re-flash each device; several run in parallel worker processes."""
+    from hsmflash.cli.progress import DeviceTable
     from hsmflash.provision.pool import DeviceJob, run_jobs
 
-    table = _Table([s["name"] for s in specs], enabled=not c.json)
     cfg = c.token_config()
     pin = c.pin_handler(f"User PIN for token {cfg.label!r}: ")
     jobs = [DeviceJob(kind=kind, chip=chip, name=s["name"], policy_path=c.policy.path,
@@ -1116,10 +1141,11 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
                       flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
                       baud=baud, debug=c.debug)
             for s in specs]
-    results = run_jobs(jobs, table.update)
-    for spec, r in zip(specs, results, strict=True):
-        table.update(spec["name"], f"FAILED: {r.diagnostics()}" if isinstance(r, Error)
-                     else r.result)
+    with DeviceTable([s["name"] for s in specs], enabled=not c.json) as table:
+        results = run_jobs(jobs, table.update)
+        for spec, r in zip(specs, results, strict=True):
+            table.update(spec["name"], f"FAILED: {r.diagnostics()}" if isinstance(r, Error)
+                         else r.result)
     if manifest is not None:
         rows = []
         for spec, r in zip(specs, results, strict=True):

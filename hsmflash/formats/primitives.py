@@ -8,9 +8,11 @@ ones for the pure-format unit tests.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from hsmflash.errors import InputError
 
 SignatureAlgorithm = Literal["rsa-3072", "ec-p256", "ec-p384"]
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -90,3 +92,31 @@ def fingerprint(public_key: PublicKey) -> str:
     """How hsmflash names an asymmetric key: `sha256:` + SHA-256 (hex) of its DER
     SubjectPublicKeyInfo (`openssl pkey -pubin -outform DER | sha256sum`)."""
     return "sha256:" + hashlib.sha256(public_key_der(public_key)).hexdigest()
+
+
+def load_public_key(data: bytes, name: str) -> PublicKey:
+    """A verification key from a PEM public key, a PEM private key (as espsecure accepts), or
+    espsecure's raw 64-byte SBv1 public key (`extract-public-key --version 1`).
+
+    Raises:
+        InputError: none of those, or not RSA/EC.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    key: Any = None
+    if len(data) == 64 and not data.startswith(b"-----"):
+        try:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + data)
+        except ValueError:
+            key = None
+    else:
+        for loader in (serialization.load_pem_public_key,
+                       lambda d: serialization.load_pem_private_key(d, None).public_key()):
+            try:
+                key = loader(data)
+                break
+            except (ValueError, TypeError):
+                continue
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise InputError(f"public key {name!r} is not a PEM key or a raw SBv1 public key")
+    return key

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from hsmflash.chips import CHIPS, Chip
+from hsmflash.chips import CHIPS, SBV1, SBV2, Chip
 from hsmflash.errors import InputError, InternalError, VerificationFailed
 from hsmflash.formats.images import (
     CURVE_ID_P256,
@@ -426,3 +427,25 @@ def sbv1_bootloader_digest(
     swapped = b"".join(digest[j : j + 4][::-1] for j in range(0, len(digest), 4))
     header = iv + swapped
     return header + b"\xff" * (SBV1_DIGEST_SECTOR - len(header)) + plaintext
+
+
+def verify_image(image: bytes, public_key: PublicKey, scheme: str | None = None,
+                 name: str = "image") -> dict[str, Any]:
+    """Verify an SBv2 (any block) or SBv1 signature; the scheme is detected when not given.
+
+    Raises:
+        VerificationFailed: the signature does not verify (exit 6).
+        InputError: the key type fits no scheme.
+    """
+    if scheme is None:
+        # Only ECDSA P-256 keys sign both schemes; a (possibly damaged) SBv2 sector starts
+        # with the block magic at the last 4 KiB boundary.
+        looks_sbv2 = (len(image) >= SECTOR_SIZE and len(image) % SECTOR_SIZE == 0
+                      and image[-SECTOR_SIZE] == SIG_BLOCK_MAGIC)
+        is_p256 = key_algorithm(public_key) == "ec-p256"
+        scheme = SBV2 if (looks_sbv2 or not is_p256) else SBV1
+    if scheme == SBV2:
+        index = verify_sbv2(image, public_key, name)
+        return {"scheme": SBV2, "block": index, "ok": True}
+    verify_sbv1(image, public_key, name)
+    return {"scheme": SBV1, "ok": True}

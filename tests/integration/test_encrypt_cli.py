@@ -249,3 +249,22 @@ def test_batch_derive_manifest_matches_vectors(cli, tmp_path, uniq, workers):
     assert {mac: kcv for mac, _purpose, kcv in rows} == want
     log = Path(os.environ["HSMFLASH_AUDIT_LOG"]).read_text()
     assert '"op":"derive.batch"' in log
+
+
+def test_scheme_comes_from_the_stored_key_type(cli, xts_key):
+    """`--key` with an xts-aes-256 key on ESP32-S3 means XTS-AES-256 (as espsecure reads it
+    from the key length), without --scheme."""
+    keys, d = xts_key
+    name, material = keys[64]
+    plain = os.urandom(4096)
+    src, out = d / "k256.bin", d / "k256.enc"
+    src.write_bytes(plain)
+    r = cli("encrypt", src, "-o", out, "--chip", "esp32s3", "--address", "0x20000",
+            "--key", name, "--json")
+    assert r.code == 0, r.output
+    assert '"scheme": "xts-aes-256"' in r.out
+    assert out.read_bytes() == espsecure_crypt(False, material, plain, 0x20000, xts=True)
+    # a chip without XTS-AES-256 still refuses the key, naming it
+    r = cli("encrypt", src, "-o", d / "c3.enc", "--chip", "esp32c3", "--address", "0x20000",
+            "--key", name)
+    assert r.code == 3 and name in r.err and not (d / "c3.enc").exists()

@@ -47,3 +47,66 @@ def test_command_help_is_complete(cli) -> None:  # type: ignore[no-untyped-def]
     assert r.code == 0
     for option in ("--output", "--key", "--chip", "--scheme", "--append"):
         assert option in r.out
+
+
+def test_global_options_after_the_command_are_hoisted() -> None:
+    from hsmflash.cli.main import hoist_global_options
+
+    assert hoist_global_options(["provision", "--policy", "p.toml", "--chip", "esp32s3"]) == [
+        "--policy", "p.toml", "provision", "--chip", "esp32s3"]
+    assert hoist_global_options(["keys", "create", "--policy=p.toml", "--json"]) == [
+        "--json", "--policy=p.toml", "keys", "create"]
+    # before the command they stay where they are; after `--` nothing moves
+    assert hoist_global_options(["--token", "t", "sign", "--", "--json"]) == [
+        "--token", "t", "sign", "--", "--json"]
+
+
+def test_global_options_work_after_the_command(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import ROOT
+
+    r = cli("policy", "check", ROOT / "policies" / "dev.toml", "--json")
+    assert r.code == 0, r.err
+    assert '"ok": true' in r.out
+    r = cli("keys", "list", "--token", "no-such-token")
+    assert r.code == 4 and "no-such-token" in r.err
+
+
+def _modules_after(*argv: str) -> set[str]:
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['hsmflash', *sys.argv[1:]]\n"
+            "from hsmflash.cli.main import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       check=False)
+    return set(r.stderr.strip().splitlines()[-1].split())
+
+
+def test_commands_without_a_token_load_no_pkcs11_code(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "a.jsonl"
+    log.write_text("")
+    for argv in (("audit", "verify", str(log)),
+                 ("verify", str(tmp_path / "x.bin"), "--pubkey", str(tmp_path / "p.pem"))):
+        loaded = _modules_after(*argv)
+        assert not {m for m in loaded if m == "pkcs11" or m.startswith("pkcs11.")}, argv
+        assert "hsmflash.keyuse" not in loaded, argv
+
+
+def test_shell_completion_completes_commands_and_options() -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("hsmflash", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    env = {**os.environ, "_HSMFLASH_COMPLETE": "complete_bash"}
+    r = subprocess.run([exe], env={**env, "COMP_WORDS": "hsmflash prov", "COMP_CWORD": "1"},
+                       capture_output=True, text=True, check=False)
+    assert r.stdout.split() == ["provision"]
+    r = subprocess.run([exe], env={**env, "COMP_WORDS": "hsmflash sign --ap", "COMP_CWORD": "2"},
+                       capture_output=True, text=True, check=False)
+    assert r.stdout.split() == ["--append"]
