@@ -553,7 +553,8 @@ def sign_cmd(
 ) -> None:
     """Sign a firmware image for Secure Boot with a key that never leaves the token.
 
-    Output matches `espsecure sign-data` byte for byte and passes `espsecure verify-signature`.
+    The output passes `espsecure verify-signature`; its block layout is espsecure's, byte for
+    byte (the signature itself is randomised: PSS salt, ECDSA nonce).
     The chip is read from the image header when --chip is not given.
     """
     from hsmflash.chips import get_chip
