@@ -5,7 +5,7 @@ Run: .venv/bin/python bench/bench_derive.py [--devices N] [--audited N] [--round
 A throw-away SoftHSM2 token is created in a temp dir and removed afterwards; the master is an
 imported random AES-256 key (CKA_DERIVE only, a token object like `keys create` makes), so the
 software figures can be checked against the token's KCVs. Rates, per device (= 2 C_DeriveKey):
-  library        keyuse.Station.derive + DerivedKey.kcvs + destroy (batch encryption's path)
+  library        keyuse.KeyUse.derive + DerivedKey.kcvs + destroy (batch encryption's path)
   what-if        the library path with TokenKey.usage read once (a recommended change)
   library+audit  perdevice.derive_kcv (`hsmflash derive`: Station.use, 2 fsync'd records)
   python-pkcs11  derive_key x2 + destroy x2 with hsmflash's template (the binding's floor)
@@ -155,18 +155,20 @@ def main() -> None:
                         Attribute.UNWRAP: False, Attribute.SIGN: False, Attribute.VERIFY: False}
 
             def library() -> None:
-                for mac in macs:
-                    derived = st.derive(master, mac, PURPOSE)
-                    derived.kcvs()
-                    derived.destroy()
+                with st.use("bench.derive", master) as use:  # one audited use, many derivations
+                    for mac in macs:
+                        derived = use.derive(mac, PURPOSE)
+                        derived.kcvs()
+                        derived.destroy()
 
             cached = usage_read_once(master)
 
             def library_usage_cached() -> None:
-                for mac in macs:
-                    derived = st.derive(cached, mac, PURPOSE)
-                    derived.kcvs()
-                    derived.destroy()
+                with st.use("bench.derive", cached) as use:
+                    for mac in macs:
+                        derived = use.derive(mac, PURPOSE)
+                        derived.kcvs()
+                        derived.destroy()
 
             def library_audited() -> None:
                 for mac in audited_macs:
@@ -185,13 +187,13 @@ def main() -> None:
             if token_kcvs != software_peer(master_bytes, check):
                 raise SystemExit("token KCVs differ from the software aes-ecb-v1 computation")
             if [raw.kcv(m, PURPOSE) for m in check] != token_kcvs:
-                raise SystemExit("the batch path's KCVs differ from Station.derive's")
+                raise SystemExit("the batch path's KCVs differ from KeyUse.derive's")
 
             n, na = len(macs), len(audited_macs)
             cases: dict[str, tuple[Callable[[], object], int]] = {
                 "software peer (cryptography, in memory)":
                     (lambda: software_peer(master_bytes, macs), n),
-                "library: Station.derive+kcvs+destroy": (library, n),
+                "library: KeyUse.derive+kcvs+destroy": (library, n),
                 "  what-if: library, usage read once": (library_usage_cached, n),
                 "library+audit: perdevice.derive_kcv": (library_audited, na),
                 "python-pkcs11 floor: derive_key+destroy": (python_pkcs11, n),
@@ -225,7 +227,7 @@ def main() -> None:
     print("per-call costs inside the library path:")
     for name, us in detail.items():
         print(f"  {name:<42} {us:8.1f} us")
-    lib_rate = med["library: Station.derive+kcvs+destroy"]
+    lib_rate = med["library: KeyUse.derive+kcvs+destroy"]
     peer = med["software peer (cryptography, in memory)"]
     verdict = "ok" if lib_rate >= TARGET else "MISSED"
     print(f"derive (library path): {lib_rate:.0f}/s vs software peer {peer:.0f}/s "

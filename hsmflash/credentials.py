@@ -51,7 +51,7 @@ from hsmflash.fileio import atomic_write, read_input
 from hsmflash.formats import kdf, primitives
 from hsmflash.formats.flashcrypt import SoftwareAes
 from hsmflash.formats.primitives import PublicKey, fingerprint
-from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.keyuse import DerivedKey, Station, check_master, wipe
 from hsmflash.policy import Policy
 from hsmflash.token.keys import TokenKey
 
@@ -307,15 +307,9 @@ class DevicePartitions:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_device_export(policy: Policy) -> None:
-    policy.check_export("device_secrets")
-
-
 def _master(st: Station, name: str) -> TokenKey:
     key = st.key(name)
-    if key.type != "aes-256" or "derive" not in key.usage:
-        raise TokenError(f"credential master {name!r} must be an aes-256 key with usage derive "
-                         f"(it is {key.type}, usage {', '.join(key.usage) or 'none'})")
+    check_master(key)
     return key
 
 
@@ -346,7 +340,7 @@ def build_device_partitions(
     if nvs_address is not None and nvs_address % NVS_PAGE:
         raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
     profile = st.policy.profile(chip)
-    _check_device_export(st.policy)
+    st.policy.check_export("device_secrets")  # refused before anything is built
     mac = kdf.format_mac(device)
     username = username_for(settings, device)
     values = {"device_id": device_id(device), "mac": mac, "username": username,
@@ -365,17 +359,15 @@ def build_device_partitions(
         detail["nvs_address"] = f"{nvs_address:#x}"
     keys_plain = bytearray()
     with st.use("credential.issue", master, subject={"device": mac}, detail=detail,
-                check=lambda: _check_device_export(st.policy)) as outcome:
+                exports=["device_secrets"]) as outcome:
         derived: list[DerivedKey] = []
         secret = nvs_keys = bytearray()
         try:
-            derived.append(st.derive(master, device, CREDENTIAL_PURPOSE, exportable=True))
-            derived.append(st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True))
+            derived.append(outcome.derive(device, CREDENTIAL_PURPOSE, exportable=True))
+            derived.append(outcome.derive(device, NVS_KEYS_PURPOSE, exportable=True))
             cred_kcv, nvs_keys_kcv = derived[0].kcv, derived[1].kcv
-            secret = st.export(derived[0], "the device's NVS partition")
-            nvs_keys = st.export(derived[1], "the device's nvs_keys partition")
-            outcome["exported"] = {"credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
-                                   "why": "device NVS partitions"}
+            secret = outcome.export(derived[0], "device_secrets")
+            nvs_keys = outcome.export(derived[1], "device_secrets")
             nvs = build_nvs(template.render({**values, "secret": secret.hex()}), nvs_keys,
                             nvs_size)
             keys_plain = nvs_keys_partition(nvs_keys)
@@ -446,7 +438,7 @@ def verify_credential(st: Station, device: bytes, secret: bytes | bytearray, *,
         if entry is not None:
             outcome["result"] = "revoked"
         else:
-            derived = st.derive(master, device, CREDENTIAL_PURPOSE)
+            derived = outcome.derive(device, CREDENTIAL_PURPOSE)
             try:
                 nonce = os.urandom(16)
                 in_token = derived.ciphers()[0].encrypt_ecb(nonce)
@@ -621,7 +613,6 @@ def _locked_dir(directory: Path) -> Iterator[None]:
 
 def _revoke_locked(st: Station, list_path: Path, device: bytes, mac: str, reason: str,
                    key: TokenKey) -> RevocationList:
-    signer = st.signer(key)
     key_fp = key.fingerprint()
     revoked: list[dict[str, Any]] = []
     sequence = 0
@@ -641,7 +632,7 @@ def _revoke_locked(st: Station, list_path: Path, device: bytes, mac: str, reason
     with st.use("credential.revoke", key, subject={"device": mac},
                 detail={"reason": reason, "list": str(list_path),
                         "sequence": sequence + 1}) as outcome:
-        doc = sign_list(body, signer.sign_digest)
+        doc = sign_list(body, outcome.signer().sign_digest)
         new = RevocationList(doc, str(list_path))
         new.verify(key.public_key())
         atomic_write(list_path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")

@@ -17,7 +17,7 @@ from typing import Any
 from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_256, Chip
 from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import flashcrypt, kdf
-from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.keyuse import DerivedKey, Station, check_master, wipe
 from hsmflash.token.keys import TokenKey
 
 PURPOSE_FOR_SCHEME = {
@@ -92,7 +92,7 @@ def derive_kcv(st: Station, master: TokenKey, device: bytes, purpose: str) -> st
 
     with st.use("derive", master, subject={"device": mac},
                 detail={"purpose": purpose, "scheme": kdf.SCHEME}, check=check) as outcome:
-        derived = st.derive(master, device, purpose)
+        derived = outcome.derive(device, purpose)
         try:
             kcv = derived.kcv
         finally:
@@ -128,11 +128,7 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         if device is None:
             raise InputError("--master needs --device MAC")
         kdf.check_device_id(device)
-        if master.type != "aes-256":
-            raise InputError(f"master key {master.name!r} is {master.type}; needs aes-256")
-        if "derive" not in master.usage:
-            raise TokenError(f"master key {master.name!r} does not allow derivation "
-                             "(CKA_DERIVE is false)")
+        check_master(master)
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
     if key is not None and scheme == ESP32_AES256:
@@ -152,8 +148,6 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             policy.check_decrypt()
         if master is not None and policy.chips:
             policy.check_master(master.name, chip.name if chip.name in policy.chips else None)
-        if path == PATH_ESP32_EXPORT:
-            policy.check_export("esp32_classic_transient")
 
     used = key if key is not None else master
     if used is None:
@@ -163,26 +157,26 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     if mac:
         subject["device"] = mac
     op = "decrypt" if decrypt else "encrypt"
-    with st.use(op, used, subject=subject, check=check,
+    exports = ["esp32_classic_transient"] if path == PATH_ESP32_EXPORT else []
+    with st.use(op, used, subject=subject, check=check, exports=exports,
                 detail={"chip": chip.name, "scheme": scheme, "address": f"{address:#x}",
                         "path": path}) as outcome:
         derived: DerivedKey | None = None
         try:
             if master is not None and device is not None:
-                derived = st.derive(master, device, PURPOSE_FOR_SCHEME[scheme],
-                                    exportable=(path == PATH_ESP32_EXPORT))
+                derived = outcome.derive(device, PURPOSE_FOR_SCHEME[scheme],
+                                         exportable=(path == PATH_ESP32_EXPORT))
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
             if scheme != ESP32_AES256:
-                k1, k2 = derived.ciphers() if derived else (st.cipher(used, 0), st.cipher(used, 1))
+                k1, k2 = derived.ciphers() if derived else (outcome.cipher(0), outcome.cipher(1))
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
             elif derived is None:
                 raise InternalError("ESP32-classic path without a derived key")
             elif path == PATH_ESP32_EXPORT:
-                secret = st.export(derived, "ESP32-classic flash encryption")
-                outcome["exported"] = {"kcv": kcv, "why": "esp32_classic_transient"}
+                secret = outcome.export(derived, "esp32_classic_transient")
                 try:
                     fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
                     out = fn32(data, address, secret, crypt_config)

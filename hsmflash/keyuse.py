@@ -1,11 +1,12 @@
 """The one choke point for key use: policy check -> audit intent -> token operation -> outcome.
 
 A `Station` is one command's access to the token: a logged-in session, the policy and the audit
-log. Token-backed primitives (`TokenCipher`, `TokenSigner`) and derived per-device keys are only
-handed out inside `Station.use(...)`, which writes a durable intent record first and the outcome
-after; nothing in hsmflash touches a key any other way. When a command that used a key ends,
-`Station.close` appends a checkpoint signed by the token's audit key and stores the log head in
-the token.
+log. It has no key operations of its own: `Station.use(...)` checks the policy (and every key
+export the use declares), writes a durable intent record, and yields a `KeyUse`, the only handle
+through which a key signs (`signer`), encrypts (`cipher`), derives per-device keys (`derive`) or
+is exported (`export`); the handle stops working when the use ends and its outcome is recorded.
+When a command that used a key ends, `Station.open` appends a checkpoint signed by the token's
+audit key and stores the log head in the token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
 from hsmflash.audit import AuditLog
-from hsmflash.errors import InputError, TokenError
+from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import kdf
 from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
@@ -184,6 +185,148 @@ def default_actor() -> str:
         return "unknown"
 
 
+class KeyUse(MutableMapping[str, Any]):
+    """The one handle through which a key signs, encrypts, derives or is exported.
+
+    Only `Station.use(...)` makes one, after the policy check and the durable intent record,
+    and it stops working when the `with` block ends (the outcome is recorded then). As a
+    mapping it is the outcome's detail: the caller adds what happened (never secrets); exports
+    record themselves there as they happen, so a step that fails later still shows them.
+    """
+
+    def __init__(self, station: Station, key: TokenKey | None, outcome: dict[str, Any],
+                 exports: frozenset[str]) -> None:
+        self._station = station
+        self._key = key
+        self._outcome = outcome
+        self._exports = exports
+        self._open = True
+
+    # -- the outcome mapping ------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        return self._outcome[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._outcome[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._outcome[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outcome)
+
+    def __len__(self) -> int:
+        return len(self._outcome)
+
+    def _close(self) -> None:
+        self._open = False
+
+    def _live_key(self, what: str) -> TokenKey:
+        if not self._open:
+            raise InternalError(f"{what} after its audited use ended")
+        if self._key is None:
+            raise InternalError(f"{what} in a use that names no key")
+        return self._key
+
+    # -- key operations -----------------------------------------------------------------------
+    def signer(self) -> TokenSigner:
+        """The key as a digest signer (raw RSA-PSS / ECDSA in the token)."""
+        return TokenSigner(self._live_key("signing"))
+
+    def cipher(self, part: int = 0) -> TokenCipher:
+        """AES-ECB with the key (`part` 1 is an XTS key's tweak half)."""
+        return TokenCipher(self._live_key("encryption").objects[part])
+
+    def raw_object(self) -> Any:
+        """The key's PKCS#11 object, for the C-API batch derivation path (`token.rawderive`)."""
+        return self._live_key("raw derivation").primary
+
+    def derive(self, device: bytes, purpose: str, *, exportable: bool = False) -> DerivedKey:
+        """Derive K_D for a device and purpose inside the token (session objects); the use's
+        key is the master.
+
+        `exportable` makes the session objects extractable, for `export` only (invariant 3).
+
+        Raises:
+            InputError: bad device id or purpose, or a master of the wrong type.
+            TokenError: the master lacks CKA_DERIVE or the token lacks the mechanism.
+        """
+        master = self._live_key("derivation")
+        blocks = kdf.derivation_blocks(device, purpose)
+        check_master(master)
+        template = {
+            Attribute.TOKEN: False,
+            Attribute.SENSITIVE: not exportable,
+            Attribute.EXTRACTABLE: exportable,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.DERIVE: False,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+        }
+        objects = []
+        i = 0
+        try:
+            for n in split_for_purpose(purpose):
+                data = b"".join(blocks[i:i + n])
+                i += n
+                objects.append(master.primary.derive_key(
+                    KeyType.AES, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                    mechanism_param=data, template=template,
+                ))
+        except p11x.MechanismInvalid as e:
+            for o in objects:
+                o.destroy()
+            raise TokenError(f"token {self._station.config.label!r} lacks "
+                             "CKM_AES_ECB_ENCRYPT_DATA, needed for aes-ecb-v1 per-device key "
+                             "derivation") from e
+        except p11x.PKCS11Error as e:
+            for o in objects:
+                o.destroy()
+            raise wrap_pkcs11(e, f"deriving {purpose} from {master.name!r}") from e
+        return DerivedKey(device, purpose, objects)
+
+    def export(self, derived: DerivedKey, reason: str) -> bytearray:
+        """Read a derived key's bytes into memory (invariant 3); the caller must `wipe` it.
+
+        `reason` must be one of the exports declared to `use(...)` (checked against the policy
+        there). The export is recorded in the outcome at once, with the key's KCV.
+
+        Raises:
+            InternalError: an export not declared to `use(...)`.
+            TokenError: the token refuses to reveal the value.
+        """
+        self._live_key("export")
+        if reason not in self._exports:
+            raise InternalError(f"export for {reason!r} was not declared to use()")
+        record = {"purpose": derived.purpose, "kcv": derived.kcv, "why": reason}
+        out = bytearray()
+        try:
+            for o in derived.objects:
+                out += bytes(o[Attribute.VALUE])
+        except p11x.PKCS11Error as e:
+            wipe(out)
+            raise wrap_pkcs11(e, f"exporting the {derived.purpose} key for {reason}") from e
+        self._outcome.setdefault("exported", []).append(record)
+        return out
+
+
+def check_master(master: TokenKey) -> None:
+    """The one check that a key can be an `aes-ecb-v1` derivation master.
+
+    Raises:
+        InputError: not an aes-256 key; TokenError: CKA_DERIVE is false.
+    """
+    if master.type != "aes-256":
+        raise InputError(f"master key {master.name!r} is {master.type}; aes-ecb-v1 needs an "
+                         "aes-256 master")
+    if "derive" not in master.usage:
+        raise TokenError(f"master key {master.name!r} does not allow derivation "
+                         "(CKA_DERIVE is false)")
+
+
 class Station:
     """One command's access to keys. Open with `Station.open(...)` (a context manager)."""
 
@@ -243,16 +386,25 @@ class Station:
     def use(self, op: str, key: TokenKey | None = None, *, subject: dict[str, Any] | None = None,
             detail: dict[str, Any] | None = None,
             check: Callable[[], None] | None = None,
-            key_name: str | None = None) -> Iterator[dict[str, Any]]:
+            key_name: str | None = None,
+            exports: Iterable[str] = ()) -> Iterator[KeyUse]:
         """The choke point: policy check, durable intent, the caller's token work, outcome.
 
-        Yields a dict the caller may add outcome details to (never secrets). `key_name` names
-        a key that does not exist yet (generate, import).
+        Yields the only handle through which `key` signs, encrypts, derives or is exported
+        (`KeyUse`); it is also the mapping the caller adds outcome details to (never secrets).
+        `key_name` names a key that does not exist yet (generate, import). `exports` declares
+        every reason a per-device key may leave the token in this use (`efuse_burn`,
+        `esp32_classic_transient`, `device_secrets`): each is checked against the policy before
+        the intent is written, and the handle refuses any other.
 
         Raises:
-            PolicyRefused: from `check`, before anything is written or used.
+            PolicyRefused: from `check` or an export the policy forbids, before anything is
+                written or used.
             whatever the block raises, after the error outcome is recorded.
         """
+        declared = frozenset(exports)
+        for reason in sorted(declared):
+            self.policy.check_export(reason)
         if check is not None:
             check()
         ids = self.key_id_fields(key) if key is not None else {}
@@ -260,83 +412,11 @@ class Station:
         uri = self.uri(key) if key else (self.uri(key_name) if key_name else None)
         with self.audit.use(op, key=uri, subject=subject or {},
                             detail=detail or {}, **ids) as outcome:
-            yield outcome
-
-    def signer(self, key: TokenKey) -> TokenSigner:
-        return TokenSigner(key)
-
-    def cipher(self, key: TokenKey, part: int = 0) -> TokenCipher:
-        return TokenCipher(key.objects[part])
-
-    # -- per-device keys ------------------------------------------------------------------
-    def derive(self, master: TokenKey, device: bytes, purpose: str,
-               *, exportable: bool = False) -> DerivedKey:
-        """Derive K_D for a device and purpose inside the token (session objects).
-
-        Call inside `use(...)`. `exportable` makes the session objects extractable, for the
-        audited transient-export path only (invariant 3).
-
-        Raises:
-            InputError: bad device id or purpose, or a master of the wrong type.
-            TokenError: the master lacks CKA_DERIVE or the token lacks the mechanism.
-        """
-        blocks = kdf.derivation_blocks(device, purpose)
-        if master.type != "aes-256":
-            raise InputError(f"master key {master.name!r} is {master.type}; aes-ecb-v1 needs "
-                             "an aes-256 master")
-        if "derive" not in master.usage:
-            raise TokenError(f"master key {master.name!r} does not allow derivation "
-                             "(CKA_DERIVE is false)")
-        template = {
-            Attribute.TOKEN: False,
-            Attribute.SENSITIVE: not exportable,
-            Attribute.EXTRACTABLE: exportable,
-            Attribute.ENCRYPT: True,
-            Attribute.DECRYPT: True,
-            Attribute.DERIVE: False,
-            Attribute.WRAP: False,
-            Attribute.UNWRAP: False,
-            Attribute.SIGN: False,
-            Attribute.VERIFY: False,
-        }
-        objects = []
-        i = 0
-        try:
-            for n in split_for_purpose(purpose):
-                data = b"".join(blocks[i:i + n])
-                i += n
-                objects.append(master.primary.derive_key(
-                    KeyType.AES, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
-                    mechanism_param=data, template=template,
-                ))
-        except p11x.MechanismInvalid as e:
-            for o in objects:
-                o.destroy()
-            raise TokenError(f"token {self.config.label!r} lacks CKM_AES_ECB_ENCRYPT_DATA, "
-                             "needed for aes-ecb-v1 per-device key derivation") from e
-        except p11x.PKCS11Error as e:
-            for o in objects:
-                o.destroy()
-            raise wrap_pkcs11(e, f"deriving {purpose} from {master.name!r}") from e
-        return DerivedKey(device, purpose, objects)
-
-    def export(self, derived: DerivedKey, reason: str) -> bytearray:
-        """Read a derived key's bytes into memory (invariant 3). The caller must wipe it.
-
-        Only for DerivedKey objects made with `exportable=True`; the policy check and audit
-        record (with KCV) belong to the enclosing `use(...)`, whose detail gets `exported`.
-
-        Raises:
-            TokenError: the token refuses to reveal the value.
-        """
-        out = bytearray()
-        try:
-            for o in derived.objects:
-                out += bytes(o[Attribute.VALUE])
-        except p11x.PKCS11Error as e:
-            wipe(out)
-            raise wrap_pkcs11(e, f"exporting the {derived.purpose} key for {reason}") from e
-        return out
+            handle = KeyUse(self, key, outcome, declared)
+            try:
+                yield handle
+            finally:
+                handle._close()
 
     def supports(self, mechanism: str) -> bool:
         return supports(self.config, mechanism)

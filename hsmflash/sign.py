@@ -74,7 +74,7 @@ def sign_image(st: Station, image: bytes, chip: Chip, key: TokenKey, scheme: str
     with st.use("sign", key, subject={"image_sha256": info.sha256, "image": name},
                 detail={"chip": chip.name, "scheme": scheme, "append": append},
                 check=check) as outcome:
-        signer = st.signer(key)
+        signer = outcome.signer()
         if scheme == SBV2:
             out = secureboot.sign_sbv2(image, signer, chip, append=append, name=name, info=info)
             count = len(info.sbv2_blocks) + 1
@@ -129,7 +129,7 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
             raise InputError(f"key {cipher_key.name!r} must be aes-256 with usage encrypt")
         with st.use("sbv1.digest", cipher_key, subject={"image_sha256": info.sha256},
                     detail={"chip": "esp32"}) as outcome:
-            out = secureboot.sbv1_bootloader_digest(bootloader, st.cipher(cipher_key), iv, name)
+            out = secureboot.sbv1_bootloader_digest(bootloader, outcome.cipher(), iv, name)
             outcome["output_sha256"] = hashlib.sha256(out).hexdigest()
         return out, cipher_key.kcv()
     if master is None or device is None:
@@ -143,7 +143,7 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
     with st.use("sbv1.digest", master, subject={"device": format_mac(device),
                                                 "image_sha256": info.sha256},
                 detail={"chip": "esp32", "purpose": "SECURE_BOOT_V1"}, check=check) as outcome:
-        derived = st.derive(master, device, "SECURE_BOOT_V1")
+        derived = outcome.derive(device, "SECURE_BOOT_V1")
         try:
             out = secureboot.sbv1_bootloader_digest(bootloader, derived.ciphers()[0], iv, name)
             kcv = derived.kcv

@@ -1279,6 +1279,7 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
     from hsmflash.encrypt import read_device_csv
     from hsmflash.fileio import atomic_write
     from hsmflash.formats.kdf import format_mac
+    from hsmflash.keyuse import check_master
     from hsmflash.token.rawderive import RawDeriver, kcvs_in_workers
 
     macs = read_device_csv(devices)
@@ -1294,8 +1295,7 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
     started = time.perf_counter()
     with c.station() as st:
         mkey = st.key(master)
-        if mkey.type != "aes-256" or "derive" not in mkey.usage:
-            raise TokenError(f"master key {master!r} must be aes-256 with CKA_DERIVE")
+        check_master(mkey)
 
         def check() -> None:
             if st.policy.chips:
@@ -1307,7 +1307,7 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
                 kcvs = kcvs_in_workers(st.config.module_path, st.config.label,
                                        c.pin_handler(""), mkey.name, purpose, macs, workers)
             else:
-                raw = RawDeriver(st.config.module_path, st.session, mkey.primary)
+                raw = RawDeriver(st.config.module_path, st.session, out.raw_object())
                 kcvs = [raw.kcv(m, purpose) for m in macs]
             lines = ["mac,purpose,kcv"] + [f"{format_mac(m)},{purpose},{k}"
                                            for m, k in zip(macs, kcvs, strict=True)]

@@ -35,11 +35,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
 from hsmflash.device.base import Device
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
-from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.errors import DeviceError, InputError, InternalError, PolicyRefused
 from hsmflash.formats import flashcrypt, kdf, secureboot
 from hsmflash.formats.images import ESP_IMAGE_MAGIC, inspect_image
 from hsmflash.hazmat import efuse as hz
-from hsmflash.keyuse import DerivedKey, Station, wipe
+from hsmflash.keyuse import DerivedKey, KeyUse, Station, wipe
 from hsmflash.policy import ChipProfile, Policy
 
 # eFuses that close download mode: always burned in the very last step.
@@ -206,7 +206,7 @@ class Provisioner:
         self.images = images
         self.progress = progress or (lambda _msg: None)
         self.master = st.key(self.profile.derive_master)
-        self._exported: list[dict[str, str]] = []  # key exports while planning, for the audit
+        self._handle: KeyUse | None = None  # the open audited step's key handle
         self._check_static()
 
     # -- checks that need no device ---------------------------------------------------------
@@ -350,7 +350,19 @@ class Provisioner:
 
     def _derive(self, mac: bytes, purpose: str, why: str, *,
                 exportable: bool = False) -> DerivedKey:
-        return self.st.derive(self.master, mac, purpose, exportable=exportable)
+        return self._live(why).derive(mac, purpose, exportable=exportable)
+
+    def _live(self, why: str) -> KeyUse:
+        """The key handle of the audited step that is running (keys are used only in one)."""
+        if self._handle is None:
+            raise InternalError(f"key use for {why} outside an audited step")
+        return self._handle
+
+    @property
+    def _crypt_exports(self) -> list[str]:
+        """What encrypting for this chip takes out of the token (ESP32 classic, in memory)."""
+        return ["esp32_classic_transient"] if self.profile.flash_encryption == ESP32_AES256 \
+            else []
 
     def _key_state(self, device: Device, state: hz.EfuseState,
                    blocks: list[tuple[str, str | None]], purpose: str,
@@ -492,11 +504,10 @@ class Provisioner:
         mac_text = kdf.format_mac(mac)
         subject = {"device": mac_text, "chip": self.chip.name, "revision": revision}
         self.progress(f"{mac_text}: planning")
-        with self.st.use("provision.plan", self.master, subject=subject,
-                         detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
+        with self._step("plan", subject, {"policy": self.policy.name, "dry_run": dry_run},
+                        key_used=True, exports=self._crypt_exports) as out:
             plan = self.plan(device, mac, revision)
             out.update({"fe_kcv": plan.fe_kcv, "already_provisioned": plan.done})
-            out.update(self._take_exports())
         result = DeviceResult(mac_text, self.chip.name, revision, "planned",
                               fe_kcv=plan.fe_kcv, sb_kcv=plan.sb_kcv, plan=plan.describe())
         result.images = [{"address": f"{w.address:#x}", "source": w.source,
@@ -528,10 +539,15 @@ class Provisioner:
 
     @contextmanager
     def _step(self, name: str, subject: dict[str, Any], detail: dict[str, Any],
-              key_used: bool = False) -> Iterator[dict[str, Any]]:
+              key_used: bool = False, exports: list[str] | None = None) -> Iterator[KeyUse]:
+        """One audited step; while it runs, its handle is the only way to the master key."""
         with self.st.use(f"{self.audit_prefix}.{name}", self.master if key_used else None,
-                         subject=subject, detail=detail) as out:
-            yield out
+                         subject=subject, detail=detail, exports=exports or ()) as out:
+            previous, self._handle = self._handle, out
+            try:
+                yield out
+            finally:
+                self._handle = previous
 
     def _burn_keys(self, device: Device, mac: bytes, plan: Plan, subject: dict[str, Any],
                    result: DeviceResult) -> None:
@@ -545,18 +561,16 @@ class Provisioner:
         if not need_fe and not plan.sb_burns:
             return
         self.progress(f"{plan.mac}: burning keys")
-        exports = []
         with self._step("burn-keys", subject, {"blocks": [b for b, _ in plan.fe_blocks]
                                                 + [b for b, _, _ in plan.sb_burns]},
-                        key_used=True) as out:
+                        key_used=True,
+                        exports=["efuse_burn"] if need_fe or need_sbv1 else []) as out:
             try:
                 if need_fe:
-                    self.policy.check_export("efuse_burn")
                     d = self._derive(mac, plan.fe_purpose, "burn", exportable=True)
                     try:
-                        key = self.st.export(d, "the flash-encryption key eFuse burn")
+                        key = out.export(d, "efuse_burn")
                         secrets.append(key)
-                        exports.append({"purpose": plan.fe_purpose, "kcv": d.kcv})
                     finally:
                         d.destroy()
                     if len(plan.fe_blocks) == 1:
@@ -568,12 +582,10 @@ class Provisioner:
                                                     purpose, rp))
                 for block, purpose, _what in plan.sb_burns:
                     if need_sbv1 and purpose is None:
-                        self.policy.check_export("efuse_burn")
                         d = self._derive(mac, "SECURE_BOOT_V1", "burn", exportable=True)
                         try:
-                            sbkey = self.st.export(d, "the Secure Boot V1 key eFuse burn")
+                            sbkey = out.export(d, "efuse_burn")
                             secrets.append(sbkey)
-                            exports.append({"purpose": "SECURE_BOOT_V1", "kcv": d.kcv})
                         finally:
                             d.destroy()
                         burns.append(hz.KeyBurn(block, bytes(sbkey), None, rp))
@@ -581,7 +593,6 @@ class Provisioner:
                         index = int(str(purpose)[-1])
                         digest = secureboot.sbv2_public_key_digest(self.sb_public[index])
                         burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
-                out["exported"] = exports
                 report = hz.burn(device, keys=burns, confirm=True)
             finally:
                 for s in secrets:
@@ -605,11 +616,6 @@ class Provisioner:
                                    why="ESP32-classic flash encryption")
         return out
 
-    def _take_exports(self) -> dict[str, Any]:
-        """Transient key exports since the last audit step, for that step's outcome."""
-        taken, self._exported = self._exported, []
-        return {"exported": taken} if taken else {}
-
     def device_crypt(self, mac: bytes, regions: list[tuple[int, bytes]], *, decrypt: bool,
                      why: str) -> list[bytes]:
         """Flash-encrypt (or decrypt) regions as this device's chip does, keys in the token.
@@ -623,12 +629,9 @@ class Provisioner:
         """
         scheme = self.profile.flash_encryption
         if scheme == ESP32_AES256:
-            self.policy.check_export("esp32_classic_transient")
             d = self._derive(mac, "FLASH_ENCRYPTION", why, exportable=True)
             try:
-                key = self.st.export(d, why)
-                self._exported.append({"purpose": "FLASH_ENCRYPTION", "kcv": d.kcv,
-                                       "why": "esp32_classic_transient"})
+                key = self._live(why).export(d, "esp32_classic_transient")
                 try:
                     fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
                     return [fn32(data, address, key, self.profile.flash_crypt_config)
@@ -660,12 +663,11 @@ class Provisioner:
             plan.flash[-2].ciphertext = parts.nvs
             plan.flash[-1].ciphertext = parts.nvs_keys
         with self._step("encrypt", subject, {"images": len(self.images), "path": path},
-                        key_used=True) as out:
+                        key_used=True, exports=self._crypt_exports) as out:
             for img, write in zip(self.images, plan.flash, strict=False):
                 write.ciphertext = self._ciphertext(mac, img, write)
             for write in plan.flash:
                 write.md5 = hashlib.md5(write.ciphertext).hexdigest()  # noqa: S324 - esptool's
-            out.update(self._take_exports())
             out["ciphertext_md5"] = [w.md5 for w in plan.flash]
 
     def _write_flash(self, device: Device, mac: bytes, plan: Plan,

@@ -136,8 +136,8 @@ class Reflasher(Provisioner):
         plan = Plan(self.chip.name, revision, mac_text, self.policy.name, scheme,
                     PURPOSE_FOR_SCHEME[scheme], self._fe_blocks(scheme))
         self.progress(f"{mac_text}: checking")
-        with self.st.use("flash.check", self.master, subject=subject,
-                         detail={"policy": self.policy.name, "dry_run": dry_run}) as out:
+        with self._step("check", subject, {"policy": self.policy.name, "dry_run": dry_run},
+                        key_used=True, exports=self._crypt_exports) as out:
             state = hz.read_state(device)
             plan.fe_kcv = self._check_device_key(device, mac, state)
             self._check_device_digests(state)
@@ -145,7 +145,6 @@ class Reflasher(Provisioner):
             table = self._device_partitions(device, mac)
             self._check_addresses(table, plan)
             out["fe_kcv"] = plan.fe_kcv
-            out.update(self._take_exports())
         result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
                               plan=plan.describe())
         result.images = [{"address": f"{w.address:#x}", "source": w.source,

@@ -115,9 +115,10 @@ class KeyRef:
 
 # SoftHSM rewrites a token's file on every login; a process reading it just then (C_Initialize,
 # C_GetTokenInfo, C_Login) sees no token or gets CKR_GENERAL_ERROR. Station workers log in
-# together, so lookups and logins are retried (0.6 s at most), CKR_GENERAL_ERROR only on
+# together, so lookups and logins are retried (1.4 s at most: a loaded 2-core machine needs
+# more than 0.6 s), CKR_GENERAL_ERROR only on
 # SoftHSM: on an HSM it means a real failure.
-_RETRY_ATTEMPTS = 8
+_RETRY_ATTEMPTS = 12
 # sessions this process holds open: the module is re-initialised only when there are none
 _open_sessions = 0
 

@@ -235,7 +235,9 @@ def test_issue_is_audited_with_kcvs(keys, tmp_path, token_env):
                .splitlines()]
     done = [x for x in records if x["op"] == "credential.issue" and x["phase"] == "ok"]
     assert len(done) == 1 and done[0]["subject"]["device"] == DEV_A
-    assert done[0]["detail"]["exported"]["credential_kcv"] == info["credential_kcv"]
+    exported = {e["purpose"]: (e["kcv"], e["why"]) for e in done[0]["detail"]["exported"]}
+    assert exported["CREDENTIAL"] == (info["credential_kcv"], "device_secrets")
+    assert exported["NVS_KEYS"] == (info["nvs_keys_kcv"], "device_secrets")
     assert any(x["op"] == "encrypt" and x["subject"].get("device") == DEV_A for x in records)
     assert keys.run("audit", "verify", token_env["HSMFLASH_AUDIT_LOG"]).code == 0
 
