@@ -310,3 +310,41 @@ def test_a_device_in_use_by_another_process_is_refused(setup: Setup, tmp_path: P
     assert snapshot(efuse, flash) == before
     ops = [json.loads(x)["op"] for x in audit.read_text().splitlines()] if audit.exists() else []
     assert not [op for op in ops if op.startswith("provision.")], ops  # nothing audited
+
+
+def test_a_development_profile_allows_unsigned_images_only_by_name(setup: Setup,
+                                                                  tmp_path: Path) -> None:
+    text = setup.policies["esp32s3-production"].read_text().replace(
+        "release_mode = true", 'release_mode = false\nunsigned_images = ["app"]', 1)
+    dev = tmp_path / "dev-unsigned.toml"
+    dev.write_text(text)
+    efuse, flash = setup.chip(tmp_path, "esp32s3")
+    r = setup.cli("--json", "--policy", dev, "provision", "--chip", "esp32s3", "--dry-run",
+                  "--virtual-efuses", efuse, "--virtual-flash", flash,
+                  *[a for i in _s3(setup, app="s3-app.bin") for a in ("--image", i)])
+    assert r.code == 0, r.output
+    # the bootloader is not named: still refused; a signature that fails is never waved through
+    _provision(setup, tmp_path, "esp32s3", dev, _s3(setup, boot="s3-boot.bin"), REFUSED,
+               "not signed")
+    _provision(setup, tmp_path, "esp32s3", dev, _s3(setup, app="s3-app-stranger"), REFUSED,
+               "not signed")
+
+
+def test_key_names_are_checked(setup: Setup) -> None:
+    for name in ("bad/name", "x.k1", "a" * 65, "_lead", "sp ace"):
+        r = setup.cli("keys", "generate", name, "--type", "aes-256", "--usage", "derive")
+        assert r.code == BAD_INPUT and "key name" in r.err, r.output
+
+
+def test_credentials_issue_uses_only_the_policys_master(setup: Setup, tmp_path: Path) -> None:
+    text = production_policy("esp32s3-production", setup.uniq,
+                             CREDENTIALS.format(uniq=setup.uniq))
+    policy = tmp_path / "creds.toml"
+    policy.write_text(text.replace("decrypt = false", "decrypt = false\ndevice_secrets = true"))
+    assert setup.cli("--policy", policy, "keys", "create").code == 0
+    out = tmp_path / "nvs.bin"
+    r = setup.cli("--policy", policy, "credentials", "issue", "--device", S3_MAC, "--chip",
+                  "esp32s3", "--nvs-out", out, "--nvs-keys-out", tmp_path / "k.bin",
+                  "--master", f"{setup.uniq}-s3-fe-master")
+    assert r.code == REFUSED and "credentials master" in r.err, r.output
+    assert not out.exists()
