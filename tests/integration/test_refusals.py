@@ -348,3 +348,59 @@ def test_credentials_issue_uses_only_the_policys_master(setup: Setup, tmp_path: 
                   "--master", f"{setup.uniq}-s3-fe-master")
     assert r.code == REFUSED and "credentials master" in r.err, r.output
     assert not out.exists()
+
+
+P4_POLICY = """
+[token]
+label = "{label}"
+[keys.{u}-p4-sb]
+type = "ec-p384"
+usage = ["sign"]
+[keys.{u}-p4-fe]
+type = "aes-256"
+usage = ["derive"]
+[keys.audit]
+type = "ec-p256"
+usage = ["sign"]
+[chips.esp32p4]
+flash_encryption = "xts-aes-128"
+secure_boot = {{ scheme = "sbv2", keys = ["{u}-p4-sb"], allow_insecure_ecdsa = true }}
+derive = {{ master = "{u}-p4-fe" }}
+revisions = [3]
+readable_keys = true
+release_mode = false
+[export]
+efuse_burn = true
+"""
+
+
+def test_p384_secure_boot_burns_sha384_en_and_needs_p4_v3(setup: Setup, tmp_path: Path) -> None:
+    from test_provision import efuse_summary, raw
+
+    policy = tmp_path / "p4.toml"
+    policy.write_text(P4_POLICY.format(label=TOKEN_LABEL, u=setup.uniq))
+    assert setup.cli("--policy", policy, "keys", "create").code == 0
+    images = []
+    for name, data, address in (("p4-boot", build_bootloader("esp32p4", seed=31), 0x2000),
+                                ("p4-app", build_app("esp32p4", 60 * 1024, seed=32), 0x10000)):
+        src, out = tmp_path / f"{name}.bin", tmp_path / f"{name}.signed"
+        src.write_bytes(data)
+        r = setup.cli("--policy", policy, "sign", src, "-o", out, "--key",
+                      f"{setup.uniq}-p4-sb", "--chip", "esp32p4")
+        assert r.code == 0, r.output
+        images += ["--image", f"{address:#x}={out}"]
+    for rev, code in (("1.0", REFUSED), ("3.0", 0)):
+        efuse, flash = tmp_path / f"p4-{rev}.efuse", tmp_path / f"p4-{rev}.flash"
+        r = setup.cli("virtual", "create", "--chip", "esp32p4", "--mac", "60:55:f9:00:77:03",
+                      "--efuse-file", efuse, "--revision", rev)
+        assert r.code == 0, r.output
+        before = snapshot(efuse, flash)
+        r = setup.cli("--policy", policy, "provision", "--chip", "esp32p4", "--virtual-efuses",
+                      efuse, "--virtual-flash", flash, *images)
+        assert r.code == code, r.output
+        if code:
+            assert snapshot(efuse, flash) == before and "v1.0" in r.err
+            continue
+        summary = efuse_summary("esp32p4", efuse)
+        assert raw(summary, "SECURE_BOOT_EN") == 1
+        assert raw(summary, "SECURE_BOOT_SHA384_EN") == 1  # else the ROM rejects P-384 blocks
