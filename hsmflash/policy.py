@@ -379,28 +379,20 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 "into eFuses, which needs efuse_burn = true"
             )
     for chip_name, prof in chips.items():
-        _check_consistency(chip_name, prof, export, credentials, source)
+        _check_consistency(chip_name, prof, credentials, source)
     return Policy(name, source, token_label, token_module, keys, chips, export, audit_key,
                   limits, description, credentials, allow_other_token)
 
 
-def _check_consistency(chip_name: str, prof: ChipProfile, export: ExportRules,
+def _check_consistency(chip_name: str, prof: ChipProfile,
                        credentials: CredentialRules | None, source: str) -> None:
-    """Cross-table checks: every export the profile's provisioning needs, and the NVS regions
-    the plan writes itself against the flash size and the image table."""
+    """Cross-table checks: the NVS regions the plan writes itself against the flash size and
+    the image table. (The exports a plan needs depend on the token too, so provisioning
+    checks them, before any key use.)"""
     where = f"{source}: chips.{chip_name}"
-    if prof.flash_encryption == "esp32-aes-256" and not export.esp32_classic_transient:
-        raise InputError(
-            f"{source}: export.esp32_classic_transient: chip profile {chip_name!r} encrypts "
-            "ESP32-classic flash, which exports the per-device key to memory on tokens "
-            "without CKM_XOR_BASE_AND_DATA; set it to true or drop the profile")
     if credentials is None or credentials.nvs_address is None \
             or credentials.nvs_keys_address is None:
         return
-    if not export.device_secrets:
-        raise InputError(
-            f"{source}: export.device_secrets: provisioning writes credentials "
-            "(credentials.nvs_address) into devices, which needs device_secrets = true")
     regions = [("credentials.nvs_address", credentials.nvs_address, credentials.nvs_size),
                ("credentials.nvs_keys_address", credentials.nvs_keys_address, 0x1000)]
     for fname, start, size in regions:

@@ -404,3 +404,20 @@ def test_p384_secure_boot_burns_sha384_en_and_needs_p4_v3(setup: Setup, tmp_path
         summary = efuse_summary("esp32p4", efuse)
         assert raw(summary, "SECURE_BOOT_EN") == 1
         assert raw(summary, "SECURE_BOOT_SHA384_EN") == 1  # else the ROM rejects P-384 blocks
+
+
+def test_exports_the_plan_needs_are_checked_before_any_burn(setup: Setup,
+                                                            tmp_path: Path) -> None:
+    # ESP32 classic on SoftHSM (no CKM_XOR_BASE_AND_DATA) exports K_D to memory to encrypt
+    fipy = tmp_path / "fipy-no-transient.toml"
+    fipy.write_text(setup.policies["esp32-fipy-production"].read_text().replace(
+        "esp32_classic_transient = true", "esp32_classic_transient = false"))
+    _provision(setup, tmp_path, "esp32", fipy, _fipy(setup), REFUSED,
+               "esp32_classic_transient")
+    # credentials written by provisioning leave the token into the device
+    text = production_policy("esp32s3-production", setup.uniq,
+                             CREDENTIALS.format(uniq=setup.uniq))
+    creds = tmp_path / "creds-no-secrets.toml"
+    creds.write_text(text)
+    assert setup.cli("--policy", creds, "keys", "create").code == 0
+    _provision(setup, tmp_path, "esp32s3", creds, _s3(setup), REFUSED, "device_secrets")

@@ -141,7 +141,6 @@ CREDS = ('\n[keys.c]\ntype = "aes-256"\nusage = ["derive"]\n[keys.r]\ntype = "ec
     (_chip("esp32s3", extra='images = { "0xa000" = "a.bin" }').replace(
         "efuse_burn = true", "efuse_burn = true\ndevice_secrets = true") + CREDS,
      "chips.esp32s3.images", "nvs"),
-    (_chip("esp32s3") + CREDS, "export.device_secrets", "device_secrets = true"),
     (_chip("esp32s3", extra='unsigned_images = ["app"]'), "chips.esp32s3.unsigned_images",
      "release-mode"),
     (_chip("esp32s3", extra='release_mode = false\nunsigned_images = ["firmware"]'),
@@ -175,14 +174,6 @@ def test_bootloader_key_other_than_derived_is_refused(tmp_path):
     p.write_text(text.replace('bootloader_key = "derived"', 'bootloader_key = "fipy-fe-master"'))
     r = run_cli("policy", "check", p)
     assert r.code == 3 and "chips.esp32.secure_boot.bootloader_key" in r.err, r.output
-
-
-def test_esp32_classic_profile_needs_the_transient_export(tmp_path):
-    text = (ROOT / "policies" / "esp32-fipy-production.toml").read_text()
-    p = tmp_path / "nt.toml"
-    p.write_text(text.replace("esp32_classic_transient = true", "esp32_classic_transient = false"))
-    r = run_cli("policy", "check", p)
-    assert r.code == 3 and "export.esp32_classic_transient" in r.err, r.output
 
 
 def test_harden_on_p4_is_checked_against_the_revisions_map(tmp_path):
