@@ -37,6 +37,13 @@ class Chip:
     # IMAGE_CHIP_ID, IROM_MAP_* and DROM_MAP_*): a segment loaded there makes an app
     image_chip_id: int = 0
     flash_maps: tuple[tuple[int, int], ...] = ()
+    # key blocks that cannot hold a flash-encryption (XTS) key (espefuse refuses the burn)
+    no_xts_key_blocks: tuple[str, ...] = ()
+    # Espressif marks ECDSA Secure Boot V2 insecure on this chip (ESP-IDF security notes:
+    # "not functional for certain input vectors"); refused unless a policy overrides it
+    ecdsa_sbv2_insecure: bool = False
+    # the first major revision whose eFuses have SECURE_BOOT_SHA384_EN (P-384 Secure Boot)
+    sha384_min_revision: int = 0
 
     @property
     def is_esp32_classic(self) -> bool:
@@ -84,13 +91,20 @@ CHIPS: dict[str, Chip] = {
              flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000))),
         Chip("esp32h2", "ESP32-H2", (XTS_AES_128,), ("rsa-3072", "ec-p256"), 3,
              key_blocks=_KEY_BLOCKS_6, image_chip_id=16,
-             flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000))),
-        Chip("esp32c5", "ESP32-C5", (XTS_AES_128, XTS_AES_256), ("rsa-3072", "ec-p256", "ec-p384"),
+             flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000)),
+             ecdsa_sbv2_insecure=True),
+        # ESP32-C5: no XTS-AES-256 key purpose in eFuse (espefuse 5.x esp32c5/fields.py
+        # KEY_PURPOSES), and BLOCK_KEY5 cannot hold an XTS key (ESP-IDF's C5 security notes)
+        Chip("esp32c5", "ESP32-C5", (XTS_AES_128,), ("rsa-3072", "ec-p256", "ec-p384"),
              3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6, image_chip_id=23,
-             flash_maps=((0x42000000, 0x44000000),)),
+             flash_maps=((0x42000000, 0x44000000),), no_xts_key_blocks=("BLOCK_KEY5",),
+             ecdsa_sbv2_insecure=True),
+        # ESP32-P4: v3.x has its own eFuse map (espefuse's esp32p4_v3.0.yaml), the only one
+        # with SECURE_BOOT_SHA384_EN
         Chip("esp32p4", "ESP32-P4", (XTS_AES_128, XTS_AES_256), ("rsa-3072", "ec-p256", "ec-p384"),
              3, bootloader_address=0x2000, key_blocks=_KEY_BLOCKS_6, image_chip_id=18,
-             flash_maps=((0x40000000, 0x4C000000),)),
+             flash_maps=((0x40000000, 0x4C000000),), ecdsa_sbv2_insecure=True,
+             sha384_min_revision=3),
     )
 }
 

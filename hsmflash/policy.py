@@ -6,11 +6,12 @@ flags) are the hard guarantee. `load_policy` validates everything and names the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsmflash.chips import SBV1, SBV2, get_chip
+from hsmflash.chips import SBV1, SBV2, XTS_AES_128, XTS_AES_256, get_chip
 from hsmflash.errors import Error, InputError, PolicyRefused
 from hsmflash.keytypes import ALLOWED_USAGES, KEY_TYPES, check_type_usage
 
@@ -18,6 +19,26 @@ if TYPE_CHECKING:
     from hsmflash.token.keys import TokenKey
 
 KDF_SCHEMES = ("aes-ecb-v1",)
+# what a development profile may name in `unsigned_images`
+IMAGE_KINDS = ("bootloader", "app")
+# key names: what a PKCS#11 label, a TOML key and a file name all carry without quoting
+KEY_NAME_MAX = 64
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_RESERVED_SUFFIXES = (".k1", ".k2")  # the halves of an XTS key in the token
+PARTITION_TABLE_END = 0x9000  # bootloader and partition table live below
+
+
+def check_key_name(name: str, where: str = "key name") -> None:
+    """Raise InputError unless `name` can name a key: 1..64 of [A-Za-z0-9_.-], starting with
+    a letter or digit, not ending in `.k1`/`.k2` (reserved for the halves of XTS keys)."""
+    if not name or len(name) > KEY_NAME_MAX:
+        raise InputError(f"{where} {name!r}: must be 1 to {KEY_NAME_MAX} characters")
+    if not _KEY_NAME.fullmatch(name):
+        raise InputError(f"{where} {name!r}: only letters, digits, '_', '.', '-' allowed, "
+                         "starting with a letter or digit")
+    if name.endswith(_RESERVED_SUFFIXES):
+        raise InputError(f"{where} {name!r}: names ending in .k1/.k2 are reserved for the "
+                         "halves of XTS keys")
 
 
 @dataclass(frozen=True)
@@ -33,8 +54,11 @@ class KeySpec:
 class SecureBootSpec:
     scheme: str
     keys: tuple[str, ...]
-    # SBv1 only: where the bootloader digest key comes from ("derived" per device, or a key name)
+    # SBv1 only: where the bootloader digest key comes from; only "derived" (per device,
+    # from the profile's master) is implemented, so the loader refuses anything else
     bootloader_key: str = "derived"
+    # ECDSA Secure Boot V2 on a chip where Espressif marks it insecure (C5, C61, H2, P4)
+    allow_insecure_ecdsa: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,8 @@ class ChipProfile:
     revisions: tuple[int, ...] = ()
     flash_size: int = 4 * 1024 * 1024
     images: dict[str, str] = field(default_factory=dict)
+    # development only: image kinds ("bootloader", "app") written without a verified signature
+    unsigned_images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,8 +124,22 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     description: str = ""
     credentials: CredentialRules | None = None
+    # [token] allow_other_token: --token / HSMFLASH_TOKEN may name another token than label
+    allow_other_token: bool = False
 
     # -- enforcement -----------------------------------------------------------------
+    def check_token(self, label: str | None) -> None:
+        """Raise PolicyRefused when `label` (--token / HSMFLASH_TOKEN) is not the policy's
+        token, unless the policy allows other tokens ([token] allow_other_token = true)."""
+        if (label is None or self.token_label is None or label == self.token_label
+                or self.allow_other_token):
+            return
+        raise PolicyRefused(
+            f"token {label!r} (--token/HSMFLASH_TOKEN) is not the token of policy "
+            f"{self.name!r} ({self.token_label!r}); drop --token, or set [token] "
+            f"allow_other_token = true in {self.path}"
+        )
+
     def profile(self, chip: str) -> ChipProfile:
         """The chip profile, or PolicyRefused when the policy does not cover the chip."""
         try:
@@ -254,10 +294,15 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
     tok = _Fields(top.get("token", dict, {}), "token", source)
     token_label = tok.get("label", str)
     token_module = tok.get("module", str)
+    allow_other_token = tok.get("allow_other_token", bool, False)
     tok.done()
 
     keys: dict[str, KeySpec] = {}
     for key_name, table in top.get("keys", dict, {}).items():
+        try:
+            check_key_name(key_name)
+        except InputError as e:
+            raise InputError(f"{source}: keys.{key_name}: {e}") from None
         f = _Fields(table, f"keys.{key_name}", source)
         key_type = f.get("type", str, required=True)
         if key_type not in KEY_TYPES:
@@ -336,8 +381,40 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 f"{source}: export.efuse_burn: chip profile {chip_name!r} burns per-device keys "
                 "into eFuses, which needs efuse_burn = true"
             )
+    for chip_name, prof in chips.items():
+        _check_consistency(chip_name, prof, credentials, source)
     return Policy(name, source, token_label, token_module, keys, chips, export, audit_key,
-                  limits, description, credentials)
+                  limits, description, credentials, allow_other_token)
+
+
+def _check_consistency(chip_name: str, prof: ChipProfile,
+                       credentials: CredentialRules | None, source: str) -> None:
+    """Cross-table checks: the NVS regions the plan writes itself against the flash size and
+    the image table. (The exports a plan needs depend on the token too, so provisioning
+    checks them, before any key use.)"""
+    where = f"{source}: chips.{chip_name}"
+    if credentials is None or credentials.nvs_address is None \
+            or credentials.nvs_keys_address is None:
+        return
+    regions = [("credentials.nvs_address", credentials.nvs_address, credentials.nvs_size),
+               ("credentials.nvs_keys_address", credentials.nvs_keys_address, 0x1000)]
+    for fname, start, size in regions:
+        if start < PARTITION_TABLE_END:
+            raise InputError(f"{source}: {fname}: {start:#x} is inside the bootloader and "
+                             f"partition table region (below {PARTITION_TABLE_END:#x})")
+        if start + size > prof.flash_size:
+            raise InputError(f"{source}: {fname}: {start:#x}+{size:#x} runs past the "
+                             f"{prof.flash_size:#x}-byte flash of chips.{chip_name}")
+    (_, a, asize), (_, b, bsize) = regions
+    if a < b + bsize and b < a + asize:
+        raise InputError(f"{source}: credentials.nvs_keys_address: {b:#x} overlaps the NVS "
+                         f"partition {a:#x}+{asize:#x}")
+    for addr_text in prof.images:
+        addr = int(addr_text, 0)
+        for fname, start, size in regions:
+            if start <= addr < start + size:
+                raise InputError(f"{where}.images: image at {addr:#x} lies in the region "
+                                 f"provisioning writes itself ({fname} {start:#x}+{size:#x})")
 
 
 def _need_key(f: _Fields, field_name: str, key: str, keys: dict[str, KeySpec],
@@ -381,22 +458,32 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         if not sb_keys:
             raise s.error("keys", "name at least one signing key")
         bootloader_key = s.get("bootloader_key", str, "derived")
+        allow_insecure_ecdsa = s.get("allow_insecure_ecdsa", bool, False)
+        if bootloader_key != "derived":
+            raise s.error("bootloader_key", f"{bootloader_key!r}: only \"derived\" (a per-device "
+                          "key from the profile's master) is supported")
         if sb_scheme == SBV1:
             if not chip.sbv1:
                 raise s.error("scheme", f"{chip_name} has no Secure Boot V1")
             if len(sb_keys) != 1:
                 raise s.error("keys", "Secure Boot V1 takes exactly one ECDSA P-256 key")
             _need_key(s, "keys", sb_keys[0], keys, ("ec-p256",), "sign")
-            if bootloader_key != "derived":
-                _need_key(s, "bootloader_key", bootloader_key, keys, ("aes-256",), "encrypt")
         else:
             if len(sb_keys) > chip.sbv2_max_signatures:
                 raise s.error("keys", f"{chip_name} takes at most {chip.sbv2_max_signatures} "
                               "Secure Boot V2 key(s)")
             for k in sb_keys:
                 _need_key(s, "keys", k, keys, chip.sbv2_algorithms, "sign")
+            ecdsa = [k for k in sb_keys if keys[k].type.startswith("ec-")]
+            if ecdsa and chip.ecdsa_sbv2_insecure and not allow_insecure_ecdsa:
+                raise s.error("keys", f"{ecdsa[0]!r}: Espressif marks ECDSA Secure Boot V2 "
+                              f"insecure on {chip_name}; use rsa-3072, or set "
+                              "allow_insecure_ecdsa = true to accept the risk")
+        if allow_insecure_ecdsa and not (sb_scheme == SBV2 and chip.ecdsa_sbv2_insecure):
+            raise s.error("allow_insecure_ecdsa", f"has no effect on {chip_name} {sb_scheme}; "
+                          "remove it")
         s.done()
-        sb = SecureBootSpec(sb_scheme, sb_keys, bootloader_key)
+        sb = SecureBootSpec(sb_scheme, sb_keys, bootloader_key, allow_insecure_ecdsa)
 
     crypt_config = f.get("flash_crypt_config", int, 0xF)
     if not 0 <= crypt_config <= 0xF:
@@ -405,16 +492,46 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
     if key_block is not None and key_block not in chip.key_blocks:
         raise f.error("key_block", f"{key_block!r} is not a key block of {chip_name} "
                       f"({', '.join(chip.key_blocks)})")
+    if fe in (XTS_AES_128, XTS_AES_256) and chip.key_blocks:
+        first = key_block or chip.key_blocks[0]
+        index = chip.key_blocks.index(first)
+        fe_blocks = chip.key_blocks[index:index + (2 if fe == XTS_AES_256 else 1)]
+        if len(fe_blocks) < (2 if fe == XTS_AES_256 else 1):
+            raise f.error("key_block", f"{first} is the last key block: {fe} needs two "
+                          "consecutive blocks")
+        bad = [b for b in fe_blocks if b in chip.no_xts_key_blocks]
+        if bad:
+            raise f.error("key_block", f"{bad[0]} of {chip_name} cannot hold an XTS key")
     revisions = tuple(f.get("revisions", list, []))
-    if not all(isinstance(r, int) for r in revisions):
-        raise f.error("revisions", "must be a list of integers")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in revisions):
+        raise f.error("revisions", "must be a list of non-negative integers")
+    flash_size = f.get("flash_size", int, 4 * 1024 * 1024)
+    if flash_size <= 0 or flash_size % 0x10000:
+        raise f.error("flash_size", f"{flash_size:#x} must be a positive multiple of 64 KiB")
     images_raw = f.get("images", dict, {})
     images: dict[str, str] = {}
     for addr, img in images_raw.items():
-        if not isinstance(img, str):
+        if not isinstance(img, str) or not img:
             raise f.error("images", f"image for {addr} must be a file name")
+        try:
+            address = int(addr, 0)
+        except ValueError:
+            raise f.error("images", f"address {addr!r} is not a number") from None
+        if address < 0 or address % 0x1000 or address >= flash_size:
+            raise f.error("images", f"address {addr!r} must be 4 KiB aligned, inside the "
+                          f"{flash_size:#x}-byte flash")
         images[addr] = img
-    flash_size = f.get("flash_size", int, 4 * 1024 * 1024)
+    unsigned = f.strings("unsigned_images")
+    for kind in unsigned:
+        if kind not in IMAGE_KINDS:
+            raise f.error("unsigned_images", f"{kind!r} is not an image kind "
+                          f"({', '.join(IMAGE_KINDS)})")
+    if sb is not None and any(keys[k].type == "ec-p384" for k in sb.keys) \
+            and chip.sha384_min_revision:
+        if not revisions or min(revisions) < chip.sha384_min_revision:
+            raise f.error("revisions", f"P-384 Secure Boot on {chip_name} needs chip "
+                          f"v{chip.sha384_min_revision}.0 or later (SECURE_BOOT_SHA384_EN); "
+                          f"set revisions = [{chip.sha384_min_revision}, ...]")
     prof = ChipProfile(
         chip=chip_name,
         flash_encryption=fe,
@@ -429,9 +546,16 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         revisions=revisions,
         flash_size=flash_size,
         images=images,
+        unsigned_images=unsigned,
     )
     if prof.readable_keys and prof.release_mode:
         raise f.error("readable_keys", "a release-mode profile must read-protect its keys")
+    if prof.release_mode and prof.unsigned_images:
+        raise f.error("unsigned_images", "a release-mode profile writes signed images only")
+    if sb is None and set(unsigned) != set(IMAGE_KINDS):
+        raise f.error("secure_boot", "missing: without Secure Boot no image can be proven; "
+                      "add secure_boot, or (development) unsigned_images = "
+                      "[\"bootloader\", \"app\"]")
     f.done()
     return prof
 

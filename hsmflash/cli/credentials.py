@@ -41,6 +41,11 @@ def _settings(c: Context, master: str | None = None, revocation_key: str | None 
     from hsmflash.credentials import CredentialSettings
 
     s = CredentialSettings.from_policy(c.policy)
+    if master is not None and master != s.master and c.policy.keys:
+        from hsmflash.errors import PolicyRefused
+
+        raise PolicyRefused(f"--master {master!r}: policy {c.policy.name!r} issues credentials "
+                            f"only from its credentials master {s.master!r}")
     changes = {k: v for k, v in (("master", master), ("revocation_key", revocation_key),
                                  ("server_url", server_url)) if v is not None}
     return replace(s, **changes)

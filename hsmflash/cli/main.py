@@ -27,7 +27,7 @@ from hsmflash.errors import (
     UsageError,
     VerificationFailed,
 )
-from hsmflash.policy import Policy, load_policy, unrestricted_policy
+from hsmflash.policy import Policy, check_key_name, load_policy, unrestricted_policy
 
 if TYPE_CHECKING:  # the token layer loads only for commands that use a token
     from hsmflash.keyuse import Station
@@ -116,6 +116,7 @@ class Context:
         from hsmflash.token.session import TokenConfig
 
         pol = self.policy
+        pol.check_token(self.token)  # a policy binds its token
         return TokenConfig(
             module=self.module or pol.token_module,
             token_label=self.token or pol.token_label,
@@ -358,6 +359,7 @@ def keys_generate(
     from hsmflash.token.keys import generate_key
 
     c = ctx_of(ctx)
+    check_key_name(name)
     flags = check_type_usage(key_type, usage)
     with c.station() as st, st.use("keys.generate", subject={"name": name}, key_name=name,
                                    detail={"type": key_type, "usage": list(flags)}) as out:
@@ -386,6 +388,7 @@ def keys_import(
     from hsmflash.token.keys import import_key
 
     c = ctx_of(ctx)
+    check_key_name(name)
     flags = check_type_usage(key_type, usage)
     material = bytearray(read_input(file, "key file"))
     try:
@@ -1128,7 +1131,8 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
-                 images: list[Any], dry_run: bool, manifest: str | None) -> list[Any]:
+                 images: list[Any], dry_run: bool, manifest: str | None,
+                 allow_rewrite: tuple[str, ...] = ()) -> list[Any]:
     """Provision or re-flash each device; several run in parallel worker processes."""
     from hsmflash.cli.progress import DeviceTable
     from hsmflash.provision.pool import DeviceJob, run_jobs
@@ -1140,7 +1144,7 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
                       pin=pin, images=images, dry_run=dry_run, port=s.get("port"),
                       efuse_file=str(s["efuse_file"]) if s.get("efuse_file") else None,
                       flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
-                      baud=baud, debug=c.debug)
+                      baud=baud, debug=c.debug, allow_rewrite=allow_rewrite)
             for s in specs]
     with DeviceTable([s["name"] for s in specs], enabled=not c.json) as table:
         results = run_jobs(jobs, table.update)
@@ -1163,7 +1167,7 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
 def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | None,
                     virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
                     image: list[str] | None, dry_run: bool, manifest: str | None,
-                    baud: int) -> None:
+                    baud: int, allow_rewrite: tuple[str, ...] = ()) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
@@ -1179,10 +1183,13 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
         check_output(manifest, "manifest")
     images = _images_for(c, chip, image)
     # refuse bad images, unsigned images and policy problems before any device is touched
-    worker = Reflasher if kind == "flash" else Provisioner
     with c.station() as st:
-        worker(st, st.policy, get_chip(chip), images)
-    results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest)
+        if kind == "flash":
+            Reflasher(st, st.policy, get_chip(chip), images, allow_rewrite=allow_rewrite)
+        else:
+            Provisioner(st, st.policy, get_chip(chip), images)
+    results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest,
+                           allow_rewrite)
     _finish_devices(c, specs, results)
 
 
@@ -1257,6 +1264,9 @@ def flash_cmd(
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
     baud: BaudOpt = 460800,
+    allow_rewrite: Annotated[list[str] | None, typer.Option(
+        "--allow-rewrite", help="Also write this protected region: table, nvs or nvs_keys "
+        "(repeat; recorded in the audit log).")] = None,
 ) -> None:
     """Re-flash provisioned devices (field update, RMA): each device's key is re-derived in the
     token from the MAC it reports; no key files exist anywhere.
@@ -1267,8 +1277,12 @@ def flash_cmd(
     """
     if not image:
         raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
+    regions = tuple(allow_rewrite or ())
+    for region in regions:
+        if region not in ("table", "nvs", "nvs_keys"):
+            raise UsageError(f"--allow-rewrite {region!r}: one of table, nvs, nvs_keys")
     _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, regions)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

@@ -239,3 +239,26 @@ def efuse_field_names(chip: str) -> frozenset[str]:
         commands = init_commands(chip=chip, virt=True, do_not_confirm=True)
         return frozenset(str(e.name) for e in commands.efuses)
 
+
+
+@functools.cache
+def efuse_field_specs(chip: str, major: int | None = None) -> dict[str, tuple[int, str]]:
+    """`chip`'s writable eFuse fields as {name: (bit length, espefuse type)}, from espefuse's
+    own tables, picked by chip revision the way espefuse picks them (ESP32-P4 v3.x has its
+    own map; ESP32-H2 up to v1.1 has extra fields). `major=None`: the fields every covered
+    revision has in common is not known, so the newest table is used.
+
+    Raises:
+        DeviceError: espefuse does not know the chip.
+    """
+    import importlib
+
+    with espressif_call(f"loading {chip} eFuse definitions"):
+        module = importlib.import_module(f"espefuse.efuse.{chip}.mem_definition")
+        tables = [module.EfuseDefineFields(None)]
+        if chip == "esp32p4" and (major is None or major >= 3):
+            tables = [module.EfuseDefineFields(None, revision="esp32p4_v3.0")]
+        if chip == "esp32h2" and major is not None and major <= 1:
+            tables.append(module.EfuseDefineFields(None, revision="esp32h2_v0.0_v1.1"))
+        return {str(e.name): (int(e.bit_len), str(e.type))
+                for t in tables for e in t.EFUSES if e is not None}

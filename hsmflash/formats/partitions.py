@@ -89,3 +89,40 @@ def default_layout() -> list[Partition]:
         Partition("nvs_keys", TYPE_DATA, SUBTYPE_NVS_KEYS, 0xF000, 0x1000, True),
         Partition("factory", TYPE_APP, 0x00, 0x10000, 0x1F0000, False),
     ]
+
+
+TABLE_REGION_END = TABLE_ADDRESS + 0x1000  # the table's sector; partitions start after it
+APP_ALIGN = 0x10000  # app partitions are mapped by the MMU in 64 KiB pages
+
+
+def parse_checked(data: bytes, flash_size: int, name: str = "partition table") -> list[Partition]:
+    """Parse a partition table that is about to be written (or that a device holds) and
+    hold it to what ESP-IDF's bootloader accepts: the 0xAA50 entries, an MD5 row that
+    matches, no overlaps, every partition after the table, aligned (apps to 64 KiB, others
+    to 4 KiB) and inside the flash.
+
+    Raises:
+        InputError: naming the table and the entry at fault.
+    """
+    if len(data) > 0x1000:
+        raise InputError(f"{name}: {len(data)} bytes; a partition table is at most 4096")
+    parts = parse(data, name)
+    md5_at = len(parts) * _ENTRY.size
+    if data[md5_at:md5_at + 2] != _MD5_MAGIC:
+        raise InputError(f"{name}: no MD5 row after the {len(parts)} entries "
+                         "(gen_esp32part.py writes one; the bootloader checks it)")
+    for p in parts:
+        align = APP_ALIGN if p.type == TYPE_APP else 0x1000
+        if p.size <= 0:
+            raise InputError(f"{name}: partition {p.label!r} has size 0")
+        if p.offset < TABLE_REGION_END:
+            raise InputError(f"{name}: partition {p.label!r} at {p.offset:#x} overlaps the "
+                             f"bootloader or the table (partitions start at "
+                             f"{TABLE_REGION_END:#x} or later)")
+        if p.offset % align:
+            raise InputError(f"{name}: partition {p.label!r} at {p.offset:#x} is not "
+                             f"{align // 1024} KiB aligned")
+        if p.offset + p.size > flash_size:
+            raise InputError(f"{name}: partition {p.label!r} ({p.offset:#x}+{p.size:#x}) runs "
+                             f"past the end of the {flash_size // 1024} KiB flash")
+    return parts

@@ -39,6 +39,7 @@ class DeviceJob:
     flash_file: str | None = None
     baud: int = 460800
     debug: bool = False  # --debug: the worker prints the traceback of its error
+    allow_rewrite: tuple[str, ...] = ()  # flash: protected regions the user named
 
 
 def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
@@ -63,7 +64,8 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
             flash_size=policy.profile(job.chip).flash_size, baud=job.baud,
         ) as device:
             if job.kind == "flash":
-                return Reflasher(st, policy, chip, job.images, progress).reflash(
+                return Reflasher(st, policy, chip, job.images, progress,
+                                 allow_rewrite=job.allow_rewrite).reflash(
                     device, dry_run=job.dry_run)
             return Provisioner(st, policy, chip, job.images, progress).provision(
                 device, dry_run=job.dry_run)

@@ -33,14 +33,15 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
-from hsmflash.device.base import Device
+from hsmflash.device.base import Device, efuse_field_specs
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, InternalError, PolicyRefused
 from hsmflash.formats import flashcrypt, kdf, secureboot
-from hsmflash.formats.images import ESP_IMAGE_MAGIC, inspect_image
+from hsmflash.formats.images import ESP_IMAGE_MAGIC
 from hsmflash.hazmat import efuse as hz
 from hsmflash.keyuse import DerivedKey, KeyUse, Station, wipe
 from hsmflash.policy import ChipProfile, Policy
+from hsmflash.provision import proof
 
 # eFuses that close download mode: always burned in the very last step.
 DOWNLOAD_MODE_FIELDS = ("ENABLE_SECURITY_DOWNLOAD", "DIS_DOWNLOAD_MODE", "UART_DOWNLOAD_DIS",
@@ -82,6 +83,8 @@ def parse_image_args(args: list[str], read: Callable[[str], bytes]) -> list[Imag
             address = int(addr_text, 0)
         except ValueError:
             raise InputError(f"--image {arg!r}: address {addr_text!r} is not a number") from None
+        if address < 0:
+            raise InputError(f"--image {arg!r}: address {address:#x} is negative")
         if address % SECTOR:
             raise InputError(f"--image {arg!r}: address {address:#x} is not 4 KiB aligned")
         data = read(path)
@@ -211,7 +214,8 @@ class Provisioner:
 
     # -- checks that need no device ---------------------------------------------------------
     def _check_static(self) -> None:
-        """Images, signatures and policy: refused before any device is touched."""
+        """Images, signatures, addresses, hardening, exports: refused before any device is
+        touched (see hsmflash.provision.proof)."""
         prof = self.profile
         if prof.secure_boot is not None and prof.secure_boot.scheme == SBV2 and \
                 self.chip.is_esp32_classic:
@@ -223,42 +227,41 @@ class Provisioner:
         self.sb_public = []
         if prof.secure_boot is not None:
             self.sb_public = [self.st.key(k).public_key() for k in prof.secure_boot.keys]
-        for img in self.images:
-            if img.address + len(img.data) > prof.flash_size:
-                raise InputError(f"image {img.path!r} at {img.address:#x} runs past the end of "
-                                 f"the {prof.flash_size // 1024} KiB flash")
-            if not img.is_esp_image:
-                continue  # partition table, NVS, data: encrypted, not signed
-            info = inspect_image(img.data, self.chip, img.path)
-            if prof.secure_boot is None:
-                continue
-            if self._is_sbv1_bootloader(img):
-                continue  # protected by the per-device digest instead of a signature
-            self._check_signed(img, info.kind)
+        proof.check_harden(self.policy, self.chip, prof, efuse_field_specs)
+        self._check_exports()
+        self.proven = proof.prove_images(self.images, self.chip, prof, self._verifier(),
+                                         self._own_regions(), **self._proof_options())
+
+    def _verifier(self, held: set[bytes] | None = None) -> proof.Verifier | None:
+        sb = self.profile.secure_boot
+        if sb is None:
+            return None
+        return proof.Verifier(sb.scheme, dict(zip(sb.keys, self.sb_public, strict=True)),
+                              held=held)
+
+    def _own_regions(self) -> list[proof.Region]:
+        """Flash regions the plan writes itself (credentials), kept clear of images."""
+        cred = self._credentials
+        if cred is None:
+            return []
+        return [proof.Region("nvs (credentials)", cred.nvs_address, cred.nvs_size),
+                proof.Region("nvs_keys", cred.nvs_keys_address, 0x1000)]
+
+    def _proof_options(self) -> dict[str, Any]:
+        return {}
+
+    def _check_exports(self) -> None:
+        """Every key export the plan will need, against the policy, before the first burn."""
+        self.policy.check_export("efuse_burn")
+        if self.profile.flash_encryption == ESP32_AES256:
+            self.policy.check_export("esp32_classic_transient")
+        if self._credentials is not None:
+            self.policy.check_export("device_secrets")
 
     def _is_sbv1_bootloader(self, img: ImageSpec) -> bool:
         prof = self.profile
         return (prof.secure_boot is not None and prof.secure_boot.scheme == SBV1
                 and img.address == self.chip.bootloader_address)
-
-    def _check_signed(self, img: ImageSpec, kind: str) -> None:
-        prof = self.profile
-        assert prof.secure_boot is not None  # noqa: S101 - caller checked
-        problems = []
-        for pub in self.sb_public:
-            try:
-                if prof.secure_boot.scheme == SBV2:
-                    secureboot.verify_sbv2(img.data, pub, img.path)
-                else:
-                    secureboot.verify_sbv1(img.data, pub, img.path)
-                return
-            except Exception as e:
-                problems.append(str(e))
-        raise PolicyRefused(
-            f"{kind} image {img.path!r} is not signed for Secure Boot "
-            f"{prof.secure_boot.scheme} by a key of policy {self.policy.name!r} "
-            f"({', '.join(prof.secure_boot.keys)}); sign it with `hsmflash sign`"
-        )
 
     # -- identification ---------------------------------------------------------------------
     def identify(self, device: Device) -> tuple[bytes, str]:
@@ -275,7 +278,17 @@ class Provisioner:
         if self.profile.revisions and rev.major not in self.profile.revisions:
             raise PolicyRefused(f"{self.chip.name} {rev} is not covered by policy "
                                 f"{self.policy.name!r} (revisions {list(self.profile.revisions)})")
+        if self._needs_sha384 and rev.major < self.chip.sha384_min_revision:
+            raise PolicyRefused(f"{self.chip.name} {rev}: P-384 Secure Boot needs chip "
+                                f"v{self.chip.sha384_min_revision}.0 or later")
+        # the eFuse table of this revision (ESP32-P4 v3.x has its own map)
+        proof.check_harden(self.policy, self.chip, self.profile, efuse_field_specs, rev.major)
         return ident.mac, str(rev)  # device.identify refused non-unique MACs
+
+    @property
+    def _needs_sha384(self) -> bool:
+        sb = self.profile.secure_boot
+        return sb is not None and any(self.st.key(k).type == "ec-p384" for k in sb.keys)
 
     # -- planning ---------------------------------------------------------------------------
     def _fe_blocks(self, scheme: str) -> list[tuple[str, str | None]]:
@@ -473,6 +486,8 @@ class Provisioner:
             enable["SPI_BOOT_CRYPT_CNT"] = 7 if release else max(state.flash_crypt_cnt, 1)
             if prof.secure_boot is not None:
                 enable["SECURE_BOOT_EN"] = 1
+                if self._needs_sha384:  # the ROM verifies P-384 blocks only with this set
+                    enable["SECURE_BOOT_SHA384_EN"] = 1
                 if release:
                     for i in range(len(self.sb_public), 3):
                         enable[f"SECURE_BOOT_KEY_REVOKE{i}"] = 1
@@ -730,23 +745,16 @@ def _already(state: hz.EfuseState, name: str, value: int) -> bool:
 
 
 def check_policy_efuses(policy: Policy) -> None:
-    """Check every eFuse a chip profile names against espefuse's tables for that chip.
+    """Check every `harden` entry of every chip profile against espefuse's tables for that
+    chip (each revision the profile covers; ESP32-P4 v3.x has its own map): names, values.
 
     Raises:
-        InputError: naming the policy field (`chips.CHIP.harden`) and the unknown eFuse.
+        InputError: naming the policy field (`chips.CHIP.harden`) and the entry.
     """
-    from hsmflash.device.base import efuse_field_names
+    from hsmflash.chips import get_chip
 
-    for chip, prof in policy.chips.items():
-        names = efuse_field_names(chip)
-        for item in prof.harden:
-            name, sep, value = item.partition("=")
-            if name not in names:
-                raise InputError(f"{policy.path}: chips.{chip}.harden: {name!r} is not an "
-                                 f"eFuse of {chip}")
-            if sep:
-                try:
-                    int(value, 0)
-                except ValueError:
-                    raise InputError(f"{policy.path}: chips.{chip}.harden: value of {name} "
-                                     f"({value!r}) is not a number") from None
+    for chip_name, prof in policy.chips.items():
+        chip = get_chip(chip_name)
+        majors: list[int | None] = [*sorted(set(prof.revisions))] or [None]
+        for major in majors:
+            proof.check_harden(policy, chip, prof, efuse_field_specs, major)

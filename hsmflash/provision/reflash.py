@@ -14,15 +14,17 @@ re-run after an interrupted write completes the image.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from hsmflash.chips import SBV2
+from hsmflash.chips import ESP32_AES256, SBV2
 from hsmflash.device.base import Device
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, PolicyRefused
 from hsmflash.formats import kdf, partitions
 from hsmflash.formats.images import ESP_IMAGE_MAGIC, read_signature_blocks
 from hsmflash.hazmat import efuse as hz
+from hsmflash.provision import proof
 from hsmflash.provision.provisioner import DeviceResult, Plan, Provisioner
 
 PARTITION_TABLE = partitions.TABLE_ADDRESS
@@ -33,9 +35,32 @@ class Reflasher(Provisioner):
 
     audit_prefix = "flash"
 
+    def __init__(self, *args: Any, allow_rewrite: Sequence[str] = (), **kwargs: Any) -> None:
+        # set before Provisioner.__init__, whose static checks read it
+        self.allow_rewrite = tuple(allow_rewrite)
+        super().__init__(*args, **kwargs)
+
     @property
     def _credentials(self) -> Any:
         return None  # credentials are issued at provisioning, not on re-flash
+
+    def _proof_options(self) -> dict[str, Any]:
+        # the device's own table decides data placement once the device is read
+        return {"table_pending": True, "reflash": True, "allow_rewrite": self.allow_rewrite}
+
+    def _check_exports(self) -> None:
+        if self.profile.flash_encryption == ESP32_AES256:
+            self.policy.check_export("esp32_classic_transient")
+
+    def _held_digests(self, state: hz.EfuseState) -> set[bytes]:
+        held = set()
+        revoked = state.secure_boot_key_revoked
+        for blk in state.key_blocks.values():
+            if blk.purpose and blk.purpose.startswith("SECURE_BOOT_DIGEST"):
+                slot = int(blk.purpose[-1])
+                if not (slot < len(revoked) and revoked[slot]):
+                    held.add(bytes(blk.data))
+        return held
 
     def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
         (plain,) = self.device_crypt(mac, [(address, data)], decrypt=True,
@@ -102,13 +127,7 @@ class Reflasher(Provisioner):
         sb = self.profile.secure_boot
         if sb is None or sb.scheme != SBV2:
             return
-        held = set()
-        revoked = state.secure_boot_key_revoked
-        for blk in state.key_blocks.values():
-            if blk.purpose and blk.purpose.startswith("SECURE_BOOT_DIGEST"):
-                slot = int(blk.purpose[-1])
-                if not (slot < len(revoked) and revoked[slot]):
-                    held.add(bytes(blk.data))
+        held = self._held_digests(state)
         for img in self.images:
             if not img.is_esp_image:
                 continue
@@ -143,7 +162,13 @@ class Reflasher(Provisioner):
             self._check_device_digests(state)
             self._plan_flash(plan, mac)
             table = self._device_partitions(device, mac)
+            # every image again, now against the device's table and the digests it holds
+            proof.prove_images(self.images, self.chip, self.profile,
+                               self._verifier(self._held_digests(state)), [], table=table,
+                               table_name="the device's partition table", reflash=True,
+                               allow_rewrite=self.allow_rewrite)
             self._check_addresses(table, plan)
+            out["allow_rewrite"] = list(self.allow_rewrite)
             out["fe_kcv"] = plan.fe_kcv
         result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
                               plan=plan.describe())

@@ -136,3 +136,60 @@ def test_interrupted_serial_write_completes_on_rerun(cli, provisioned):
     assert r.code == 0, r.output
     region = bytes(chip2.flash[0x10000:0x10000 + len(new)])
     assert _decrypt(p["key"], region, 0x10000) == new
+
+
+def test_flash_proves_every_image_against_the_devices_table(cli, provisioned):
+    """Code must be code, signed; the table, nvs and nvs_keys only when asked by name."""
+    p = provisioned
+    before = (p["efuse"].read_bytes(), p["flash"].read_bytes())
+    blob = p["dir"] / "blob.bin"
+    blob.write_bytes(b"\xe8" + os.urandom(0x3000))
+    data = p["dir"] / "data.bin"
+    data.write_bytes(os.urandom(0x1000))
+    cases = [
+        (_flash_args(p, f"0x10000={blob}"), 3, "not an ESP image"),
+        (_flash_args(p, f"0x0={p['dir'] / 'app.signed'}"), 3, "a bootloader belongs there"),
+        (_flash_args(p, f"0x8000={p['dir'] / 'pt.bin'}"), 5, "--allow-rewrite table"),
+        (_flash_args(p, f"0xf000={data}"), 5, "--allow-rewrite nvs_keys"),
+        (_flash_args(p, f"0x9000={data}"), 5, "--allow-rewrite nvs"),
+        ([*_flash_args(p, f"0x9000={data}"), "--allow-rewrite", "nvs"], 3,
+         "not flagged encrypted"),
+        (_flash_args(p, f"0x11000={data}"), 3, "not at its start"),
+        ([*_flash_args(p, f"0x8000={p['dir'] / 'pt.bin'}"), "--allow-rewrite", "tabel"], 2,
+         "tabel"),
+    ]
+    for args, code, needle in cases:
+        r = cli(*args)
+        assert r.code == code, (args, r.output)
+        assert needle in r.err, r.err
+        assert (p["efuse"].read_bytes(), p["flash"].read_bytes()) == before
+
+
+def test_allow_rewrite_is_explicit_and_audited(cli, provisioned, token_env):
+    import json
+
+    p = provisioned
+    r = cli(*_flash_args(p, f"0x8000={p['dir'] / 'pt.bin'}"), "--allow-rewrite", "table")
+    assert r.code == 0, r.output
+    log = Path(token_env["HSMFLASH_AUDIT_LOG"]).read_text().splitlines()
+    check = [json.loads(x) for x in log if '"flash.check"' in x and '"ok"' in x][-1]
+    assert check["detail"]["allow_rewrite"] == ["table"]
+
+
+def test_flash_needs_a_key_whose_digest_the_device_holds(cli, provisioned, uniq):
+    p = provisioned
+    two = p["policy"].read_text().replace(f'keys = ["{uniq}-sb-release"]',
+                                          f'keys = ["{uniq}-sb-release", "{uniq}-sb-second"]', 1)
+    two += f'\n[keys.{uniq}-sb-second]\ntype = "rsa-3072"\nusage = ["sign"]\n'
+    policy = p["dir"] / "two.toml"
+    policy.write_text(two)
+    assert cli("--policy", policy, "keys", "create").code == 0
+    out = p["dir"] / "app2.second"
+    assert cli("--policy", policy, "sign", p["dir"] / "app2.bin", "-o", out, "--key",
+               f"{uniq}-sb-second", "--chip", "esp32s3").code == 0
+    before = (p["efuse"].read_bytes(), p["flash"].read_bytes())
+    args = _flash_args(p, f"0x10000={out}")
+    args[1] = policy
+    r = cli(*args)
+    assert r.code == 5 and "digest" in r.err, r.output
+    assert (p["efuse"].read_bytes(), p["flash"].read_bytes()) == before
