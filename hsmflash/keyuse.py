@@ -24,8 +24,8 @@ from typing import Any
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from hsmflash.audit import AuditLog
-from hsmflash.errors import InputError, TokenError
+from hsmflash.audit import Anchor, AuditLog
+from hsmflash.errors import Error, InputError, TokenError
 from hsmflash.formats import kdf
 from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
@@ -163,6 +163,41 @@ class TokenHeadStore:
             raise wrap_pkcs11(e, "storing the audit head in the token") from e
 
 
+class TokenLogBinding:
+    """Which log the token keeps for one audit log path: a CKO_DATA object named after the
+    path (its real path's SHA-256) holding the log's id. Bound at the path's first checkpoint,
+    so a log replaced by another one (or deleted) is refused before any key use."""
+
+    def __init__(self, session: Any, audit_path: str | Path) -> None:
+        self._session = session
+        real = os.path.realpath(os.fsencode(audit_path))
+        self._label = f"{AUDIT_PATH_LABEL}:{hashlib.sha256(real).hexdigest()[:32]}"
+
+    def read(self) -> str | None:
+        try:
+            for obj in self._session.get_objects({
+                Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
+            }):
+                return str(json.loads(bytes(obj[Attribute.VALUE]).decode())["log"])
+        except (p11x.PKCS11Error, ValueError, KeyError) as e:
+            raise TokenError(f"reading the audit log binding from the token: "
+                             f"{type(e).__name__}") from e
+        return None
+
+    def write(self, log_id: str) -> None:
+        try:
+            self._session.create_object({
+                Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
+                Attribute.APPLICATION: "hsmflash", Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.VALUE: json.dumps({"log": log_id}).encode(),
+            })
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, "storing the audit log binding in the token") from e
+
+
+AUDIT_PATH_LABEL = "hsmflash-audit-path"
+
+
 def log_id(audit_path: str | Path) -> str | None:
     """A log's identity: the first 16 hex digits of its first record's hash."""
     try:
@@ -184,6 +219,9 @@ def default_actor() -> str:
         return "unknown"
 
 
+CHECKPOINT_FAILED = "audit checkpoint failed: "
+
+
 class Station:
     """One command's access to keys. Open with `Station.open(...)` (a context manager)."""
 
@@ -193,6 +231,7 @@ class Station:
         self.session = session
         self.audit = audit
         self.used_keys = False
+        self._anchored = False
         self._keys: dict[str, TokenKey] = {}
 
     @classmethod
@@ -210,9 +249,16 @@ class Station:
             st = cls(config, policy, session, audit)
             try:
                 yield st
-            finally:
+            except BaseException as e:
+                # the command's own error comes first; a failed checkpoint is a second line
                 if st.used_keys:
-                    st.checkpoint()
+                    try:
+                        st.checkpoint()
+                    except Error as ce:
+                        e.add_note(f"{CHECKPOINT_FAILED}{ce.diagnostics()}")
+                raise
+            if st.used_keys:
+                st.checkpoint()
 
     # -- keys ---------------------------------------------------------------------------
     def key(self, ref: str) -> TokenKey:
@@ -256,11 +302,24 @@ class Station:
         if check is not None:
             check()
         ids = self.key_id_fields(key) if key is not None else {}
-        self.used_keys = True
         uri = self.uri(key) if key else (self.uri(key_name) if key_name else None)
+        self._anchor_audit()
         with self.audit.use(op, key=uri, subject=subject or {},
                             detail=detail or {}, **ids) as outcome:
+            self.used_keys = True  # the intent is written: the command ends with a checkpoint
             yield outcome
+
+    def _anchor_audit(self) -> None:
+        """Before the first key use: tie the audit log to the token, so its tail is checked
+        against the token's head (refusing a cut, rolled-back, replaced or foreign-appended
+        log) and every record this command writes is tagged by the audit key."""
+        if self._anchored:
+            return
+        session = self.session
+        self.audit.anchor(Anchor(self.audit_signer(),
+                                 lambda ident: TokenHeadStore(session, ident),
+                                 TokenLogBinding(session, self.audit.path)))
+        self._anchored = True
 
     def signer(self, key: TokenKey) -> TokenSigner:
         return TokenSigner(key)
@@ -356,9 +415,19 @@ class Station:
         return TokenHeadStore(self.session, ident)
 
     def checkpoint(self) -> None:
-        """Append a checkpoint signed by the audit key and store the head in the token."""
-        self.audit.checkpoint(self.audit_signer(), self.head_store(),
+        """Append a checkpoint signed by the audit key and store the head in the token; the
+        first checkpoint of a log also binds its path to it in the token.
+
+        Raises:
+            VerificationFailed: the log's tail is not what this command verified and wrote.
+        """
+        head_store = self.head_store()
+        self.audit.checkpoint(self.audit_signer(), head_store,
                               key=self.uri(self.policy.audit_key))
+        binding = TokenLogBinding(self.session, self.audit.path)
+        ident = log_id(self.audit.path)
+        if ident is not None and binding.read() is None:
+            binding.write(ident)
 
 
 def wipe(buf: bytearray) -> None:

@@ -225,6 +225,7 @@ def main() -> NoReturn:
         if debug:
             traceback.print_exc()
         typer.echo(f"error: {e.diagnostics()}", err=True)
+        _second_lines(e)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -240,8 +241,18 @@ def main() -> NoReturn:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
         typer.echo(f"internal error: {type(e).__name__}: {first} (rerun with --debug)", err=True)
+        _second_lines(e)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _second_lines(e: BaseException) -> None:
+    """After the command's own error: what failed while closing (the audit checkpoint)."""
+    from hsmflash.keyuse import CHECKPOINT_FAILED
+
+    for note in getattr(e, "__notes__", ()):
+        if isinstance(note, str) and note.startswith(CHECKPOINT_FAILED):
+            typer.echo(f"error: {note}", err=True)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -862,6 +873,11 @@ def audit_verify(
             if pub is None:
                 pub = find_key(session, c.policy.audit_key, cfg.label).public_key()
     report = verify_log(path, pub, head)
+    if pub is None:  # an intact chain anyone can rebuild proves nothing
+        raise VerificationFailed(
+            f"audit log {path}: its {report.records} records chain, but nothing authenticates "
+            "them; give the audit public key (--pubkey audit.pem, made by `hsmflash keys public "
+            "audit -o audit.pem`) or --with-token")
     data = {
         "log": str(path), "ok": True, "records": report.records,
         "checkpoints": report.checkpoints, "last_seq": report.last_seq,

@@ -237,7 +237,8 @@ def test_issue_is_audited_with_kcvs(keys, tmp_path, token_env):
     assert len(done) == 1 and done[0]["subject"]["device"] == DEV_A
     assert done[0]["detail"]["exported"]["credential_kcv"] == info["credential_kcv"]
     assert any(x["op"] == "encrypt" and x["subject"].get("device") == DEV_A for x in records)
-    assert keys.run("audit", "verify", token_env["HSMFLASH_AUDIT_LOG"]).code == 0
+    assert keys.run("audit", "verify", token_env["HSMFLASH_AUDIT_LOG"],
+                    "--with-token").code == 0
 
 
 # -- server side ---------------------------------------------------------------------------------
