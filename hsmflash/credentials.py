@@ -372,10 +372,11 @@ def build_device_partitions(
             derived.append(st.derive(master, device, CREDENTIAL_PURPOSE, exportable=True))
             derived.append(st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True))
             cred_kcv, nvs_keys_kcv = derived[0].kcv, derived[1].kcv
-            secret = st.export(derived[0], "the device's NVS partition")
-            nvs_keys = st.export(derived[1], "the device's nvs_keys partition")
+            # recorded before the bytes leave, so a failure from here on still audits them
             outcome["exported"] = {"credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
                                    "why": "device NVS partitions"}
+            secret = st.export(derived[0], "the device's NVS partition")
+            nvs_keys = st.export(derived[1], "the device's nvs_keys partition")
             nvs = build_nvs(template.render({**values, "secret": secret.hex()}), nvs_keys,
                             nvs_size)
             keys_plain = nvs_keys_partition(nvs_keys)

@@ -176,8 +176,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             elif derived is None:
                 raise InternalError("ESP32-classic path without a derived key")
             elif path == PATH_ESP32_EXPORT:
-                secret = st.export(derived, "ESP32-classic flash encryption")
                 outcome["exported"] = {"kcv": kcv, "why": "esp32_classic_transient"}
+                secret = st.export(derived, "ESP32-classic flash encryption")
                 try:
                     fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
                     out = fn32(data, address, secret, crypt_config)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
 from hsmflash.audit import Anchor, AuditLog
-from hsmflash.errors import Error, InputError, TokenError
+from hsmflash.errors import Error, InputError, InternalError, TokenError
 from hsmflash.formats import kdf
 from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
@@ -384,10 +385,12 @@ class Station:
 
         Only for DerivedKey objects made with `exportable=True`; the policy check and audit
         record (with KCV) belong to the enclosing `use(...)`, whose detail gets `exported`.
+        From the first export on, this process writes no core dump (key bytes could be in it).
 
         Raises:
             TokenError: the token refuses to reveal the value.
         """
+        no_core_dumps()
         out = bytearray()
         try:
             for o in derived.objects:
@@ -428,6 +431,29 @@ class Station:
         ident = log_id(self.audit.path)
         if ident is not None and binding.read() is None:
             binding.write(ident)
+
+
+def no_core_dumps() -> None:
+    """Keep exported key material out of core dumps for the rest of this process:
+    RLIMIT_CORE 0 and, on Linux, PR_SET_DUMPABLE 0 (also keeps other users' ptrace out).
+
+    Raises:
+        InternalError: the process cannot turn core dumps off.
+    """
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as e:
+        raise InternalError(f"cannot turn core dumps off before a key export: {e}") from e
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_dumpable = 4
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+            raise InternalError("cannot turn core dumps off before a key export: prctl "
+                                f"errno {ctypes.get_errno()}")
 
 
 def wipe(buf: bytearray) -> None:

@@ -86,11 +86,7 @@ class Context:
         if env:
             return env
         if self.pin_file is not None:
-            try:
-                text = self.pin_file.read_text(encoding="utf-8")
-            except OSError as e:
-                raise InputError(f"PIN file {str(self.pin_file)!r} unreadable: {e.strerror}") \
-                    from None
+            text = _read_pin_file(self.pin_file)
             pin = text.splitlines()[0].strip() if text.strip() else ""
             if not pin:
                 raise InputError(f"PIN file {str(self.pin_file)!r} is empty")
@@ -136,6 +132,32 @@ class Context:
     def note(self, text: str) -> None:
         """A line for the human on stderr (kept out of --json output)."""
         typer.echo(text, err=True)
+
+
+def _read_pin_file(path: Path) -> str:
+    """A PIN file's text; like ssh with a private key, refused when others may read it.
+
+    Raises:
+        InputError: unreadable, not a regular file, readable by group or others, or not UTF-8.
+    """
+    import stat
+
+    from hsmflash.fileio import open_regular
+
+    fd = open_regular(path, "PIN file")
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise InputError(
+                f"PIN file {str(path)!r} is accessible by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and change the PIN")
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"PIN file {str(path)!r} is not UTF-8 text") from None
 
 
 def ctx_of(ctx: typer.Context) -> Context:
@@ -1065,22 +1087,36 @@ def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
     return parse_image_args(args, lambda p: read_input(p, "image"))
 
 
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a leading = + - @ (or tab/CR) would make it a
+    formula (CSV injection), so such cells get a leading '."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
     import fcntl
+    import io
 
-    new = not path.exists()
-    with open(path, "a", encoding="utf-8", newline="") as f:
+    from hsmflash.fileio import open_append
+
+    fd = open_append(path, "manifest")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        new = os.fstat(fd).st_size == 0
         if path.suffix == ".csv":
             cols = ["time", "mac", "chip", "revision", "fe_kcv", "sb_kcv", "images", "result",
                     "error", "seconds"]
-            w = csv.DictWriter(f, fieldnames=cols)
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=cols)
             if new:
                 w.writeheader()
             for r in rows:
-                w.writerow({**r, "images": ";".join(
-                    f"{i['address']}:{i['sha256']}" for i in r["images"])})
+                w.writerow({k: _csv_cell(v) for k, v in {**r, "images": ";".join(
+                    f"{i['address']}:{i['sha256']}" for i in r["images"])}.items()})
+            f.write(buf.getvalue())
         else:
             for r in rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")

@@ -545,10 +545,11 @@ class Provisioner:
         if not need_fe and not plan.sb_burns:
             return
         self.progress(f"{plan.mac}: burning keys")
-        exports = []
+        exports: list[dict[str, str]] = []
         with self._step("burn-keys", subject, {"blocks": [b for b, _ in plan.fe_blocks]
                                                 + [b for b, _, _ in plan.sb_burns]},
                         key_used=True) as out:
+            out["exported"] = exports  # filled as each key leaves: a failure still audits it
             try:
                 if need_fe:
                     self.policy.check_export("efuse_burn")
@@ -581,7 +582,6 @@ class Provisioner:
                         index = int(str(purpose)[-1])
                         digest = secureboot.sbv2_public_key_digest(self.sb_public[index])
                         burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
-                out["exported"] = exports
                 report = hz.burn(device, keys=burns, confirm=True)
             finally:
                 for s in secrets:
