@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -163,11 +164,27 @@ def _build_record(seq: int, prev: str, ts: str, station: str, actor: str, op: st
     for name, value in (("key", key), ("kcv", kcv), ("key_fp", key_fp)):
         if value is not None:
             record[name] = value
-    record["subject"] = dict(subject or {})
-    record["detail"] = dict(detail or {})
+    record["subject"] = _printable(dict(subject or {}))
+    record["detail"] = _printable(dict(detail or {}))
     record["prev"] = prev
     record["hash"] = record_hash(record)
     return record
+
+
+def _printable(value: Any) -> Any:
+    """File names that are not UTF-8 arrive as str with lone surrogates (os.fsdecode); the
+    log keeps their bytes visible as \\xNN instead of failing to encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _encode_line(record: Record) -> bytes:
@@ -252,10 +269,9 @@ def _forward_lines(fd: int, chunk: int = 65536) -> Iterator[bytes]:
 
 
 def _open_for_reading(path: Path) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise InputError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    from hsmflash.fileio import open_regular
+
+    return os.fdopen(open_regular(path, "audit log"), "rb")
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -695,6 +711,8 @@ class AuditLog:
         except OSError as e:
             raise InputError(f"cannot open audit log {self.path}: {e.strerror or e}") from e
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"audit log {self.path} is not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             if created:  # make the new file's name durable too
                 dfd = os.open(self.path.parent, os.O_RDONLY)

@@ -32,6 +32,7 @@ from hsmflash.policy import Policy, load_policy, unrestricted_policy
 from hsmflash.token.session import TokenConfig
 
 DEFAULT_AUDIT_LOG = "hsmflash-audit.jsonl"
+MAX_WORKERS = 64
 
 app = typer.Typer(
     name="hsmflash",
@@ -1306,6 +1307,9 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
     from hsmflash.formats.kdf import format_mac
     from hsmflash.token.rawderive import RawDeriver, kcvs_in_workers
 
+    if workers > MAX_WORKERS:
+        raise UsageError(f"--workers {workers} is more than {MAX_WORKERS} (each worker is a "
+                         "process with its own token session)")
     macs = read_device_csv(devices)
     limit = c.policy.limits.max_devices_per_batch
     if len(macs) > limit:
