@@ -216,3 +216,22 @@ def test_no_core_dumps_once_a_key_is_exported(cli, uniq, policy_file, tmp_path):
             d.destroy()
     assert json.loads(Path(tmp_path / "a.jsonl").read_text().splitlines()[-1])["op"] \
         == "checkpoint"
+
+
+def test_espefuse_errors_never_carry_block_contents(tmp_path):
+    """espefuse quotes a read-protected block's hex when it is not all zeros; that text must
+    not reach an error line (nor, through it, the audit log)."""
+    import esptool
+
+    from hsmflash.device.base import espressif_call
+    from hsmflash.errors import DeviceError
+
+    key = "c0ffee" * 10 + "1234"
+    with pytest.raises(DeviceError) as caught:
+        with espressif_call("burning BLOCK_KEY0"):
+            raise esptool.FatalError(f"The BLOCK_KEY0 is read-protected but not all '0' "
+                                     f"({key})")
+    message = caught.value.diagnostics()
+    assert key not in message and key[:16] not in message
+    assert message.startswith("burning BLOCK_KEY0: The BLOCK_KEY0 is read-protected")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # --debug too
