@@ -868,7 +868,7 @@ def audit_verify(
 
     from hsmflash.audit import verify_log
     from hsmflash.fileio import read_input
-    from hsmflash.keyuse import TokenHeadStore, log_id
+    from hsmflash.keyuse import TokenHeadStore, TokenLogBinding, log_id
     from hsmflash.token.keys import find_key
     from hsmflash.token.session import open_session
 
@@ -887,6 +887,11 @@ def audit_verify(
         cfg = c.token_config()
         with open_session(cfg) as session:
             ident = log_id(path)
+            bound = TokenLogBinding(session, path).read()
+            if bound is not None and bound != ident:
+                raise VerificationFailed(
+                    f"audit log {path} is not the log the token keeps at this path (log "
+                    f"{bound}, this file is log {ident}): it was replaced")
             if ident is not None:
                 head = TokenHeadStore(session, ident).read()
                 if head is None:
@@ -914,10 +919,8 @@ def audit_verify(
     def human() -> None:
         typer.echo(f"{path}: OK, {report.records} records, {report.checkpoints} checkpoints, "
                    f"last seq {report.last_seq}")
-        sigs = ("verified" if report.signatures_checked
-                else "NOT checked (give --pubkey or --with-token)")
-        head_state = "matches" if report.head_checked else "not checked"
-        typer.echo(f"  signatures: {sigs}; token head: {head_state}")
+        head_state = "matches" if report.head_checked else "not checked (give --with-token)"
+        typer.echo(f"  signatures: verified; token head: {head_state}")
         if report.unsigned_tail:
             typer.echo(f"  {report.unsigned_tail} record(s) after the last checkpoint")
         for i in report.open_intents:

@@ -96,6 +96,8 @@ def test_replaced_log_is_refused(signing, cli):
     shutil.copyfile(other, log)
     before = log.read_bytes()
     _refused(sign(), log, before, d / "signed.bin", "replaced")
+    r = cli("audit", "verify", log, "--with-token")  # the auditor's view says so too
+    assert r.code == 6 and "replaced" in r.err, r.output
 
 
 @pytest.mark.parametrize("how", ["emptied", "deleted"])
