@@ -16,6 +16,15 @@ One record per line (DESIGN.md, "Audit log"):
   SHA-256(uint64_be(signed_seq) || bytes.fromhex(signed_hash)). Its own (seq, hash) is then
   stored as the head in the token, so truncation and rollback show against the token.
 
+A record written by a process that holds the token (`AuditLog.anchor`) carries `tag`: the
+audit key's raw ECDSA P-256 r||s (hex) over SHA-256(uint64_be(seq) || bytes.fromhex(hash)),
+outside the hashed body. Before such a process appends (under the lock), it checks the tail:
+the first time against the token (the head of this log must be in it with its hash; the log
+the token bound to this path must be this one; every record after the head must chain and carry
+a valid tag), then from the last record it verified or wrote. So a cut, rolled-back, replaced
+or foreign-appended log is refused before the next key use, and a checkpoint never signs a
+record that someone who can only write the file added.
+
 Appends take an exclusive `flock` on the log file itself, read only the last line, write one
 line and fsync before returning. A final line without its newline (power lost mid-write) is
 repaired under the lock: if it is a whole record that chains, only the newline is added; any
