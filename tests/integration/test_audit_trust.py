@@ -189,3 +189,17 @@ def test_failed_checkpoint_comes_after_the_commands_own_error(policy_file, tmp_p
     second = capsys.readouterr().err.strip().splitlines()
     assert len(second) == 1
     assert second[0].startswith("error: audit checkpoint failed: audit log")
+
+
+def test_audit_verify_checks_record_tags(cli, signing):
+    _, log, d = signing
+    pem = d / "audit.pem"
+    assert cli("keys", "public", "audit", "-o", pem).code == 0
+    lines = log.read_text().splitlines()
+    rec = json.loads(lines[1])
+    other = json.loads(lines[2])["tag"]  # a genuine tag, but over another record
+    rec["tag"] = other
+    lines[1] = json.dumps(rec, separators=(",", ":"))
+    log.write_text("".join(x + "\n" for x in lines))
+    r = cli("audit", "verify", log, "--pubkey", pem)
+    assert r.code == 6 and "line 2" in r.err and "tag" in r.err, r.output
