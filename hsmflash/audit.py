@@ -16,6 +16,15 @@ One record per line (DESIGN.md, "Audit log"):
   SHA-256(uint64_be(signed_seq) || bytes.fromhex(signed_hash)). Its own (seq, hash) is then
   stored as the head in the token, so truncation and rollback show against the token.
 
+A record written by a process that holds the token (`AuditLog.anchor`) carries `tag`: the
+audit key's raw ECDSA P-256 r||s (hex) over SHA-256(uint64_be(seq) || bytes.fromhex(hash)),
+outside the hashed body. Before such a process appends (under the lock), it checks the tail:
+the first time against the token (the head of this log must be in it with its hash; the log
+the token bound to this path must be this one; every record after the head must chain and carry
+a valid tag), then from the last record it verified or wrote. So a cut, rolled-back, replaced
+or foreign-appended log is refused before the next key use, and a checkpoint never signs a
+record that someone who can only write the file added.
+
 Appends take an exclusive `flock` on the log file itself, read only the last line, write one
 line and fsync before returning. A final line without its newline (power lost mid-write) is
 repaired under the lock: if it is a whole record that chains, only the newline is added; any
@@ -29,8 +38,9 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,11 +71,38 @@ _REQUIRED: dict[str, type] = {
     "v": int, "seq": int, "ts": str, "station": str, "actor": str, "op": str, "phase": str,
     "subject": dict, "detail": dict, "prev": str, "hash": str,
 }
-_OPTIONAL: dict[str, type] = {"key": str, "kcv": str, "key_fp": str}
+_OPTIONAL: dict[str, type] = {"key": str, "kcv": str, "key_fp": str, "tag": str}
+# not covered by `hash`: a signature over the record's (seq, hash), added after hashing
+_UNHASHED = ("hash", "tag")
 
 Record = dict[str, Any]
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False)
+
+
+class LogBinding(Protocol):
+    """Which log (its genesis id) the token keeps for one log path: a token object."""
+
+    def read(self) -> str | None:
+        """The bound log's id, or None before the path's first checkpoint."""
+        ...
+
+    def write(self, log_id: str) -> None:
+        """Bind the path to this log."""
+        ...
+
+
+@dataclass
+class Anchor:
+    """What ties an appending process to the token: the audit key signs (tags) every record
+    it writes, and the head and path binding stored in the token say which log is the real one.
+
+    `heads(log_id)` returns the head store of a log; `binding` is this path's binding.
+    """
+
+    signer: DigestSigner
+    heads: Callable[[str], HeadStore]
+    binding: LogBinding
 
 
 class HeadStore(Protocol):
@@ -84,12 +121,12 @@ class HeadStore(Protocol):
 
 
 def record_hash(record: Record) -> str:
-    """SHA-256 (hex) of the canonical JSON of `record` without its `hash` field.
+    """SHA-256 (hex) of the canonical JSON of `record` without its `hash` and `tag` fields.
 
     Raises:
         InternalError: the record holds something JSON cannot carry.
     """
-    body = {k: v for k, v in record.items() if k != "hash"}
+    body = {k: v for k, v in record.items() if k not in _UNHASHED}
     try:
         canonical = _CANONICAL.encode(body).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as e:
@@ -100,6 +137,23 @@ def record_hash(record: Record) -> str:
 def checkpoint_digest(seq: int, hash_hex: str) -> bytes:
     """The digest a checkpoint signs: SHA-256(uint64_be(seq) || bytes.fromhex(hash))."""
     return hashlib.sha256(struct.pack(">Q", seq) + bytes.fromhex(hash_hex)).digest()
+
+
+def _sig_verifies(public_key: ec.EllipticCurvePublicKey, sig: object, digest: bytes) -> bool:
+    """Does `sig` (hex r||s, P-256) verify over the prehashed `digest`?"""
+    try:
+        raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
+    except ValueError:
+        return False
+    if len(raw) != 2 * _P256_HALF:
+        return False
+    der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
+                                     int.from_bytes(raw[_P256_HALF:], "big"))
+    try:
+        public_key.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _now() -> str:
@@ -119,11 +173,27 @@ def _build_record(seq: int, prev: str, ts: str, station: str, actor: str, op: st
     for name, value in (("key", key), ("kcv", kcv), ("key_fp", key_fp)):
         if value is not None:
             record[name] = value
-    record["subject"] = dict(subject or {})
-    record["detail"] = dict(detail or {})
+    record["subject"] = _printable(dict(subject or {}))
+    record["detail"] = _printable(dict(detail or {}))
     record["prev"] = prev
     record["hash"] = record_hash(record)
     return record
+
+
+def _printable(value: Any) -> Any:
+    """File names that are not UTF-8 arrive as str with lone surrogates (os.fsdecode); the
+    log keeps their bytes visible as \\xNN instead of failing to encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _encode_line(record: Record) -> bytes:
@@ -194,11 +264,23 @@ def _reverse_lines(fd: int, end: int, chunk: int = 8192) -> Iterator[bytes]:
         yield buf
 
 
+def _forward_lines(fd: int, chunk: int = 65536) -> Iterator[bytes]:
+    """Lines of the whole file from the start, each with its newline if it has one."""
+    pos, buf = 0, b""
+    while data := os.pread(fd, chunk, pos):
+        pos += len(data)
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if buf:
+        yield buf
+
+
 def _open_for_reading(path: Path) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise InputError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    from hsmflash.fileio import open_regular
+
+    return os.fdopen(open_regular(path, "audit log"), "rb")
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -379,6 +461,9 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
                 raise VerificationFailed(f"{where}: seq {seq} where {want} was expected")
             if rec["prev"] != prev_hash:
                 raise VerificationFailed(f"{where}: prev does not match the previous record")
+            if ec_key is not None and "tag" in rec \
+                    and not _sig_verifies(ec_key, rec["tag"], checkpoint_digest(seq, rec["hash"])):
+                raise VerificationFailed(f"{where}: record tag is not the audit key's signature")
             if rec["op"] == CHECKPOINT_OP:
                 _verify_checkpoint(rec, where, prev_seq, ec_key, key_fp)
                 report.checkpoints += 1
@@ -406,6 +491,11 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
         ends = "is empty" if prev_seq is None else f"ends at seq {prev_seq}"
         raise VerificationFailed(f"audit log {path} {ends} but the token's head is seq "
                                  f"{expected_head[0]} (records were cut)")
+    if report.records == 0:
+        what = ("holds only an unfinished fragment" if report.partial_final_line
+                else "is empty")
+        raise VerificationFailed(f"audit log {path} {what}: there is nothing to verify "
+                                 "(an audit log starts with a whole record at seq 0)")
     if public_key is not None and report.records and not report.checkpoints:
         raise VerificationFailed(f"audit log {path} has no checkpoint: none of its "
                                  f"{report.records} records is signed by the audit key")
@@ -419,8 +509,10 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
 class _LockedLog:
     """The log file under an exclusive lock, with its verified tail."""
 
-    def __init__(self, fd: int, path: Path, station: str, actor: str) -> None:
+    def __init__(self, fd: int, path: Path, station: str, actor: str,
+                 tagger: DigestSigner | None = None) -> None:
         self.fd, self.path, self.station, self.actor = fd, path, station, actor
+        self.tagger = tagger
         self.seq: int | None = None
         self.hash = GENESIS_PREV
         self._load_tail()
@@ -476,6 +568,8 @@ class _LockedLog:
         seq = 0 if self.seq is None else self.seq + 1
         record = _build_record(seq, self.hash, _now(), self.station, self.actor, op, phase,
                                **fields)
+        if self.tagger is not None:
+            record["tag"] = self.tagger.sign_digest(checkpoint_digest(seq, record["hash"])).hex()
         try:
             line = _encode_line(record)
         except UnicodeEncodeError as e:
@@ -483,6 +577,31 @@ class _LockedLog:
         self._write(line)
         self.seq, self.hash = seq, record["hash"]
         return record
+
+    def genesis_id(self) -> str | None:
+        """The log's identity: the first 16 hex digits of its first record's hash."""
+        first = next(iter(_forward_lines(self.fd)), b"")
+        try:
+            return str(_parse_line(first.rstrip(b"\n"), 1)["hash"])[:16] if first else None
+        except VerificationFailed:
+            return None
+
+    def records_after(self, seq: int | None) -> list[Record]:
+        """Every whole record after `seq` (all of them for None), in order, read from the end.
+        Each is checked for shape and own hash; the chain is the caller's job."""
+        found: list[Record] = []
+        for raw in _reverse_lines(self.fd, os.fstat(self.fd).st_size):
+            if not raw.endswith(b"\n"):
+                continue  # an unfinished fragment, repaired on the next write
+            try:
+                rec = _parse_line(raw[:-1], 0)
+            except VerificationFailed as e:
+                raise self._corrupt(f"a record after the token's head is damaged ({e})") from e
+            if seq is not None and rec["seq"] <= seq:
+                break
+            found.append(rec)
+        found.reverse()
+        return found
 
     def find(self, seq: int) -> Record | None:
         """The record with this seq, searched from the end (heads are near the tail)."""
@@ -504,6 +623,94 @@ class AuditLog:
         self.path = Path(path)
         self.station = station
         self.actor = actor
+        self._anchor: Anchor | None = None
+        self._public: ec.EllipticCurvePublicKey | None = None
+        # the last (seq, hash) this process has verified or written (None: not yet checked)
+        self._verified: tuple[int | None, str] | None = None
+
+    def anchor(self, anchor: Anchor) -> None:
+        """Tie this log to the token: from now on, before each append (under the lock) the
+        log's tail is checked (the first time against the token's head and path binding,
+        then from the last verified record), and every record written carries a tag.
+
+        Raises:
+            TokenError: the audit key is not an ECDSA P-256 key.
+        """
+        public_key = anchor.signer.public_key()
+        if anchor.signer.algorithm != "ec-p256" or not isinstance(
+                public_key, ec.EllipticCurvePublicKey):
+            raise TokenError(f"the audit key must be ec-p256, not {anchor.signer.algorithm}")
+        self._anchor, self._public, self._verified = anchor, public_key, None
+
+    def _refuse(self, what: str, recover: str) -> VerificationFailed:
+        return VerificationFailed(f"audit log {self.path} {what}; no key was used. To recover: "
+                                  f"{recover}")
+
+    def _check_tail(self, log: _LockedLog) -> None:
+        """Refuse a log whose tail this process cannot vouch for (see `anchor`)."""
+        anchor, public_key = self._anchor, self._public
+        if anchor is None or public_key is None:
+            return
+        new_log = "start a new log with --audit-log NEWFILE"
+        if self._verified is None:
+            bound = anchor.binding.read()
+            ident = log.genesis_id()
+            if log.seq is None:
+                if bound is not None:
+                    raise self._refuse(
+                        "is empty or missing, but the token holds a head for the log kept at "
+                        f"this path (log {bound})",
+                        f"restore that log from backup, or {new_log}")
+                self._verified = (None, GENESIS_PREV)
+                return
+            if bound is not None and bound != ident:
+                raise self._refuse(
+                    f"is not the log the token keeps for this path (log {bound}, this file is "
+                    f"log {ident}): it was replaced",
+                    f"restore the original log, or {new_log}")
+            head = anchor.heads(ident).read() if ident is not None else None
+            if head is not None:
+                found = log.find(head[0])
+                if found is None:
+                    raise self._refuse(
+                        f"ends at seq {log.seq}, but the token's head is seq {head[0]}: it was "
+                        "cut or rolled back to an older copy",
+                        f"restore the complete log (up to seq {head[0]}) from backup, or "
+                        f"{new_log}")
+                if found["hash"] != head[1]:
+                    raise self._refuse(
+                        f"differs from the token's head at seq {head[0]}: it was replaced or "
+                        "rolled back", f"restore the original log, or {new_log}")
+                start: tuple[int | None, str] = (head[0], head[1])
+            else:
+                start = (None, GENESIS_PREV)
+        else:
+            start = self._verified
+        seq, prev = start
+        for rec in log.records_after(seq):
+            want = 0 if seq is None else seq + 1
+            line = rec["seq"] + 1
+            if rec["seq"] != want or rec["prev"] != prev:
+                raise self._refuse(
+                    f"line {line} (seq {rec['seq']}) does not chain to seq "
+                    f"{'-' if seq is None else seq}, which the token or this process verified",
+                    f"keep the file as evidence and restore the log up to seq {seq} "
+                    f"(its first {want} lines), or {new_log}")
+            if not _sig_verifies(public_key, rec.get("tag"),
+                                 checkpoint_digest(rec["seq"], rec["hash"])):
+                raise self._refuse(
+                    f"line {line} (seq {rec['seq']}) was not written by hsmflash with this "
+                    "token's audit key (its tag is missing or does not verify): someone else "
+                    "appended to the log",
+                    f"keep the file as evidence (`hsmflash audit show {self.path}`) and restore "
+                    f"its first {want} lines (up to seq {'-' if seq is None else seq}), or "
+                    f"{new_log}")
+            seq, prev = rec["seq"], rec["hash"]
+        if (seq, prev) != (log.seq, log.hash):
+            raise self._refuse(
+                f"ends at seq {log.seq}, which does not follow the verified seq {seq}",
+                f"restore the log up to seq {seq} from backup, or {new_log}")
+        self._verified = (seq, prev)
 
     @contextmanager
     def _locked(self) -> Iterator[_LockedLog]:
@@ -513,6 +720,8 @@ class AuditLog:
         except OSError as e:
             raise InputError(f"cannot open audit log {self.path}: {e.strerror or e}") from e
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"audit log {self.path} is not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             if created:  # make the new file's name durable too
                 dfd = os.open(self.path.parent, os.O_RDONLY)
@@ -520,7 +729,14 @@ class AuditLog:
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-            yield _LockedLog(fd, self.path, self.station, self.actor)
+            log = _LockedLog(fd, self.path, self.station, self.actor,
+                             self._anchor.signer if self._anchor is not None else None)
+            self._check_tail(log)
+            try:
+                yield log
+            finally:
+                if self._anchor is not None:  # what this process wrote is verified
+                    self._verified = (log.seq, log.hash)
         finally:
             os.close(fd)  # releases the lock
 

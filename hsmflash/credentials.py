@@ -242,11 +242,15 @@ def _check_row(where: str, key: str, kind: str, encoding: str, value: str, *,
 
 # -- NVS partitions ---------------------------------------------------------------------------
 
+NVS_MAX_SIZE = 16 * 1024 * 1024
+
+
 def check_nvs_size(size: int) -> None:
-    """Raises InputError unless `size` is a whole number of 4 KiB pages, at least 0x3000."""
-    if size % NVS_PAGE or size < NVS_MIN_SIZE:
-        raise InputError(f"NVS size {size:#x} must be a multiple of 0x1000 and at least "
-                         f"{NVS_MIN_SIZE:#x}")
+    """Raises InputError unless `size` is a whole number of 4 KiB pages, at least 0x3000 and
+    at most 16 MiB (the largest flash hsmflash provisions)."""
+    if size % NVS_PAGE or size < NVS_MIN_SIZE or size > NVS_MAX_SIZE:
+        raise InputError(f"NVS size {size:#x} must be a multiple of 0x1000, at least "
+                         f"{NVS_MIN_SIZE:#x} and at most {NVS_MAX_SIZE:#x}")
 
 
 def build_nvs(rows: Sequence[NvsRow], nvs_keys: bytes | bytearray, size: int) -> bytes:

@@ -6,6 +6,8 @@ fault; they never contain key material. The CLI is the only place that turns the
 
 from __future__ import annotations
 
+# the prefix of the note a failed end-of-command audit checkpoint adds to the command's error
+CHECKPOINT_FAILED = "audit checkpoint failed: "
 
 class Error(Exception):
     """Root of every error hsmflash raises on purpose."""

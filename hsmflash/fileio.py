@@ -3,27 +3,132 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
 
 from hsmflash.errors import InputError
 
+# no input hsmflash reads (images up to a 128 MiB flash, keys, CSVs, logs' lines) is larger
+MAX_INPUT = 256 * 1024 * 1024
 
-def read_input(path: str | Path, what: str = "input file") -> bytes:
-    """Read a whole input file.
+
+def open_regular(path: str | Path, what: str, flags: int = os.O_RDONLY,
+                 *, follow: bool = True) -> int:
+    """Open an existing regular file (never a device, FIFO, socket or directory; with
+    `follow=False` never through a symbolic link), without blocking on a FIFO.
 
     Raises:
-        InputError: missing, unreadable, or a directory (the message names the path).
+        InputError: missing, unreadable, not a regular file (the message names the path).
     """
+    extra = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, flags | extra)
     except FileNotFoundError:
         raise InputError(f"{what} {str(path)!r} not found") from None
     except IsADirectoryError:
         raise InputError(f"{what} {str(path)!r} is a directory") from None
     except OSError as e:
+        if not follow and os.path.islink(path):
+            raise InputError(f"{what} {str(path)!r} is a symbolic link; refusing to follow "
+                             "it") from None
         raise InputError(f"{what} {str(path)!r} unreadable: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, " \
+            "FIFO or socket)"
+        raise InputError(f"{what} {str(path)!r} is {kind}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_input(path: str | Path, what: str = "input file", limit: int = MAX_INPUT) -> bytes:
+    """Read a whole input file: a regular file of at most `limit` bytes.
+
+    Raises:
+        InputError: missing, unreadable, a directory, a device or FIFO, or too large (the
+            message names the path).
+    """
+    fd = open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise InputError(f"{what} {str(path)!r} is {size} bytes, more than the "
+                             f"{limit} hsmflash accepts")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise InputError(f"{what} {str(path)!r} grew past {limit} bytes while read")
+        return data
+    except OSError as e:
+        raise InputError(f"{what} {str(path)!r} unreadable: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def refuse_special_output(path: str | Path, what: str = "output") -> bool:
+    """Refuse to write at a path that holds anything but a regular file: a symbolic link
+    (which could point anywhere), a directory, a device node, a FIFO or a socket. Returns
+    whether a regular file is there.
+
+    Raises:
+        InputError: naming the path and what is there.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise InputError(f"{what} {str(path)!r}: {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        return True
+    if stat.S_ISLNK(mode):
+        kind = "a symbolic link; refusing to write through or replace it"
+    elif stat.S_ISDIR(mode):
+        kind = "a directory"
+    else:
+        kind = "a device, FIFO or socket, not a regular file; refusing to replace it"
+    raise InputError(f"{what} {str(path)!r} is {kind}")
+
+
+def temp_beside(path: str | Path, mode: int = 0o600) -> tuple[int, Path]:
+    """Create a new temp file (O_EXCL, random name, never through a link) beside `path`.
+
+    Raises:
+        InputError: the directory is missing or not writable.
+    """
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent)
+    except FileNotFoundError:
+        raise InputError(f"output directory {str(target.parent)!r} does not exist") from None
+    except OSError as e:
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror}") from None
+    os.fchmod(fd, mode)
+    return fd, Path(tmp)
+
+
+def open_append(path: str | Path, what: str, mode: int = 0o644) -> int:
+    """Open a file for appending, creating it with `mode`; never through a symbolic link,
+    never a device, FIFO or directory.
+
+    Raises:
+        InputError: naming the path.
+    """
+    refuse_special_output(path, what)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        raise InputError(f"cannot write {what} {str(path)!r}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{what} {str(path)!r} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def check_output(path: str | Path, what: str = "output") -> None:
@@ -34,8 +139,7 @@ def check_output(path: str | Path, what: str = "output") -> None:
     """
     target = Path(path)
     directory = target.parent  # Path("x").parent is Path(".")
-    if target.is_dir():
-        raise InputError(f"{what} {str(path)!r} is a directory")
+    refuse_special_output(target, what)
     if not directory.is_dir():
         raise InputError(f"{what} {str(path)!r}: directory {str(directory)!r} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -45,26 +149,24 @@ def check_output(path: str | Path, what: str = "output") -> None:
 def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one, never a part.
 
-    Writes a temp file in the same directory, fsyncs it, renames it over `path`, fsyncs the
-    directory.
+    Writes a new temp file (O_EXCL, random name) in the same directory, fsyncs it, renames it
+    over `path`, fsyncs the directory. A symbolic link, directory, device node or FIFO at
+    `path` is refused, never replaced or written through; the temp file is removed on failure.
 
     Raises:
-        InputError: the directory does not exist or is not writable.
+        InputError: the directory does not exist or is not writable, or `path` is not a
+            regular file.
     """
     target = Path(path)
     directory = target.parent  # Path("x").parent is Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except FileNotFoundError:
-        raise InputError(f"output directory {str(directory)!r} does not exist") from None
-    except OSError as e:
-        raise InputError(f"cannot write output {str(path)!r}: {e.strerror}") from None
+    refuse_special_output(target)
+    fd, tmp = temp_beside(target, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        refuse_special_output(target)  # planted while we wrote
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from typing import Any
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from hsmflash.audit import AuditLog
-from hsmflash.errors import InputError, InternalError, TokenError
+from hsmflash.audit import Anchor, AuditLog
+from hsmflash.errors import CHECKPOINT_FAILED, Error, InputError, InternalError, TokenError
 from hsmflash.formats import kdf
 from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
@@ -162,6 +163,41 @@ class TokenHeadStore:
                 obj.destroy()
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, "storing the audit head in the token") from e
+
+
+class TokenLogBinding:
+    """Which log the token keeps for one audit log path: a CKO_DATA object named after the
+    path (its real path's SHA-256) holding the log's id. Bound at the path's first checkpoint,
+    so a log replaced by another one (or deleted) is refused before any key use."""
+
+    def __init__(self, session: Any, audit_path: str | Path) -> None:
+        self._session = session
+        real = os.path.realpath(os.fsencode(audit_path))
+        self._label = f"{AUDIT_PATH_LABEL}:{hashlib.sha256(real).hexdigest()[:32]}"
+
+    def read(self) -> str | None:
+        try:
+            for obj in self._session.get_objects({
+                Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
+            }):
+                return str(json.loads(bytes(obj[Attribute.VALUE]).decode())["log"])
+        except (p11x.PKCS11Error, ValueError, KeyError) as e:
+            raise TokenError(f"reading the audit log binding from the token: "
+                             f"{type(e).__name__}") from e
+        return None
+
+    def write(self, log_id: str) -> None:
+        try:
+            self._session.create_object({
+                Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
+                Attribute.APPLICATION: "hsmflash", Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.VALUE: json.dumps({"log": log_id}).encode(),
+            })
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, "storing the audit log binding in the token") from e
+
+
+AUDIT_PATH_LABEL = "hsmflash-audit-path"
 
 
 def log_id(audit_path: str | Path) -> str | None:
@@ -301,6 +337,7 @@ class KeyUse(MutableMapping[str, Any]):
         self._live_key("export")
         if reason not in self._exports:
             raise InternalError(f"export for {reason!r} was not declared to use()")
+        no_core_dumps()  # from the first export on: key bytes could be in a dump
         record = {"purpose": derived.purpose, "kcv": derived.kcv, "why": reason}
         out = bytearray()
         try:
@@ -327,6 +364,8 @@ def check_master(master: TokenKey) -> None:
                          "(CKA_DERIVE is false)")
 
 
+
+
 class Station:
     """One command's access to keys. Open with `Station.open(...)` (a context manager)."""
 
@@ -336,6 +375,7 @@ class Station:
         self.session = session
         self.audit = audit
         self.used_keys = False
+        self._anchored = False
         self._keys: dict[str, TokenKey] = {}
 
     @classmethod
@@ -353,9 +393,16 @@ class Station:
             st = cls(config, policy, session, audit)
             try:
                 yield st
-            finally:
+            except BaseException as e:
+                # the command's own error comes first; a failed checkpoint is a second line
                 if st.used_keys:
-                    st.checkpoint()
+                    try:
+                        st.checkpoint()
+                    except Error as ce:
+                        e.add_note(f"{CHECKPOINT_FAILED}{ce.diagnostics()}")
+                raise
+            if st.used_keys:
+                st.checkpoint()
 
     # -- keys ---------------------------------------------------------------------------
     def key(self, ref: str) -> TokenKey:
@@ -408,15 +455,28 @@ class Station:
         if check is not None:
             check()
         ids = self.key_id_fields(key) if key is not None else {}
-        self.used_keys = True
         uri = self.uri(key) if key else (self.uri(key_name) if key_name else None)
+        self._anchor_audit()
         with self.audit.use(op, key=uri, subject=subject or {},
                             detail=detail or {}, **ids) as outcome:
+            self.used_keys = True  # the intent is written: the command ends with a checkpoint
             handle = KeyUse(self, key, outcome, declared)
             try:
                 yield handle
             finally:
                 handle._close()
+
+    def _anchor_audit(self) -> None:
+        """Before the first key use: tie the audit log to the token, so its tail is checked
+        against the token's head (refusing a cut, rolled-back, replaced or foreign-appended
+        log) and every record this command writes is tagged by the audit key."""
+        if self._anchored:
+            return
+        session = self.session
+        self.audit.anchor(Anchor(self.audit_signer(),
+                                 lambda ident: TokenHeadStore(session, ident),
+                                 TokenLogBinding(session, self.audit.path)))
+        self._anchored = True
 
     def supports(self, mechanism: str) -> bool:
         return supports(self.config, mechanism)
@@ -436,9 +496,42 @@ class Station:
         return TokenHeadStore(self.session, ident)
 
     def checkpoint(self) -> None:
-        """Append a checkpoint signed by the audit key and store the head in the token."""
-        self.audit.checkpoint(self.audit_signer(), self.head_store(),
+        """Append a checkpoint signed by the audit key and store the head in the token; the
+        first checkpoint of a log also binds its path to it in the token.
+
+        Raises:
+            VerificationFailed: the log's tail is not what this command verified and wrote.
+        """
+        head_store = self.head_store()
+        self.audit.checkpoint(self.audit_signer(), head_store,
                               key=self.uri(self.policy.audit_key))
+        binding = TokenLogBinding(self.session, self.audit.path)
+        ident = log_id(self.audit.path)
+        if ident is not None and binding.read() is None:
+            binding.write(ident)
+
+
+def no_core_dumps() -> None:
+    """Keep exported key material out of core dumps for the rest of this process:
+    RLIMIT_CORE 0 and, on Linux, PR_SET_DUMPABLE 0 (also keeps other users' ptrace out).
+
+    Raises:
+        InternalError: the process cannot turn core dumps off.
+    """
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as e:
+        raise InternalError(f"cannot turn core dumps off before a key export: {e}") from e
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_dumpable = 4
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+            raise InternalError("cannot turn core dumps off before a key export: prctl "
+                                f"errno {ctypes.get_errno()}")
 
 
 def wipe(buf: bytearray) -> None:

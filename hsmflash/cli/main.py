@@ -20,6 +20,7 @@ import typer
 
 from hsmflash import __version__
 from hsmflash.errors import (
+    CHECKPOINT_FAILED,
     Error,
     InputError,
     InternalError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # the token layer loads only for commands that use a token
     from hsmflash.token.session import TokenConfig
 
 DEFAULT_AUDIT_LOG = "hsmflash-audit.jsonl"
+MAX_WORKERS = 64
 
 app = typer.Typer(
     name="hsmflash",
@@ -88,11 +90,7 @@ class Context:
         if env:
             return env
         if self.pin_file is not None:
-            try:
-                text = self.pin_file.read_text(encoding="utf-8")
-            except OSError as e:
-                raise InputError(f"PIN file {str(self.pin_file)!r} unreadable: {e.strerror}") \
-                    from None
+            text = _read_pin_file(self.pin_file)
             pin = text.splitlines()[0].strip() if text.strip() else ""
             if not pin:
                 raise InputError(f"PIN file {str(self.pin_file)!r} is empty")
@@ -143,6 +141,32 @@ class Context:
     def note(self, text: str) -> None:
         """A line for the human on stderr (kept out of --json output)."""
         typer.echo(text, err=True)
+
+
+def _read_pin_file(path: Path) -> str:
+    """A PIN file's text; like ssh with a private key, refused when others may read it.
+
+    Raises:
+        InputError: unreadable, not a regular file, readable by group or others, or not UTF-8.
+    """
+    import stat
+
+    from hsmflash.fileio import open_regular
+
+    fd = open_regular(path, "PIN file")
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise InputError(
+                f"PIN file {str(path)!r} is accessible by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and change the PIN")
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"PIN file {str(path)!r} is not UTF-8 text") from None
 
 
 def ctx_of(ctx: typer.Context) -> Context:
@@ -275,6 +299,7 @@ def main() -> NoReturn:
         if debug:
             traceback.print_exc()
         typer.echo(f"error: {e.diagnostics()}", err=True)
+        _second_lines(e)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -290,8 +315,16 @@ def main() -> NoReturn:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
         typer.echo(f"internal error: {type(e).__name__}: {first} (rerun with --debug)", err=True)
+        _second_lines(e)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _second_lines(e: BaseException) -> None:
+    """After the command's own error: what failed while closing (the audit checkpoint)."""
+    for note in getattr(e, "__notes__", ()):
+        if isinstance(note, str) and note.startswith(CHECKPOINT_FAILED):
+            typer.echo(f"error: {note}", err=True)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -904,13 +937,18 @@ def audit_verify(
         except ValueError:
             raise InputError(f"public key {str(pubkey)!r} is not a PEM public key") from None
     if with_token:
-        from hsmflash.keyuse import TokenHeadStore, log_id
+        from hsmflash.keyuse import TokenHeadStore, TokenLogBinding, log_id
         from hsmflash.token.keys import find_key
         from hsmflash.token.session import open_session
 
         cfg = c.token_config()
         with open_session(cfg) as session:
             ident = log_id(path)
+            bound = TokenLogBinding(session, path).read()
+            if bound is not None and bound != ident:
+                raise VerificationFailed(
+                    f"audit log {path} is not the log the token keeps at this path (log "
+                    f"{bound}, this file is log {ident}): it was replaced")
             if ident is not None:
                 head = TokenHeadStore(session, ident).read()
                 if head is None:
@@ -920,6 +958,11 @@ def audit_verify(
             if pub is None:
                 pub = find_key(session, c.policy.audit_key, cfg.label).public_key()
     report = verify_log(path, pub, head)
+    if pub is None:  # an intact chain anyone can rebuild proves nothing
+        raise VerificationFailed(
+            f"audit log {path}: its {report.records} records chain, but nothing authenticates "
+            "them; give the audit public key (--pubkey audit.pem, made by `hsmflash keys public "
+            "audit -o audit.pem`) or --with-token")
     data = {
         "log": str(path), "ok": True, "records": report.records,
         "checkpoints": report.checkpoints, "last_seq": report.last_seq,
@@ -933,10 +976,8 @@ def audit_verify(
     def human() -> None:
         typer.echo(f"{path}: OK, {report.records} records, {report.checkpoints} checkpoints, "
                    f"last seq {report.last_seq}")
-        sigs = ("verified" if report.signatures_checked
-                else "NOT checked (give --pubkey or --with-token)")
-        head_state = "matches" if report.head_checked else "not checked"
-        typer.echo(f"  signatures: {sigs}; token head: {head_state}")
+        head_state = "matches" if report.head_checked else "not checked (give --with-token)"
+        typer.echo(f"  signatures: verified; token head: {head_state}")
         if report.unsigned_tail:
             typer.echo(f"  {report.unsigned_tail} record(s) after the last checkpoint")
         for i in report.open_intents:
@@ -1107,22 +1148,36 @@ def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
     return parse_image_args(args, lambda p: read_input(p, "image"))
 
 
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a leading = + - @ (or tab/CR) would make it a
+    formula (CSV injection), so such cells get a leading '."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
     import fcntl
+    import io
 
-    new = not path.exists()
-    with open(path, "a", encoding="utf-8", newline="") as f:
+    from hsmflash.fileio import open_append
+
+    fd = open_append(path, "manifest")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        new = os.fstat(fd).st_size == 0
         if path.suffix == ".csv":
             cols = ["time", "mac", "chip", "revision", "fe_kcv", "sb_kcv", "images", "result",
                     "error", "seconds"]
-            w = csv.DictWriter(f, fieldnames=cols)
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=cols)
             if new:
                 w.writeheader()
             for r in rows:
-                w.writerow({**r, "images": ";".join(
-                    f"{i['address']}:{i['sha256']}" for i in r["images"])})
+                w.writerow({k: _csv_cell(v) for k, v in {**r, "images": ";".join(
+                    f"{i['address']}:{i['sha256']}" for i in r["images"])}.items()})
+            f.write(buf.getvalue())
         else:
             for r in rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -1296,6 +1351,9 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
     from hsmflash.keyuse import check_master
     from hsmflash.token.rawderive import RawDeriver, kcvs_in_workers
 
+    if workers > MAX_WORKERS:
+        raise UsageError(f"--workers {workers} is more than {MAX_WORKERS} (each worker is a "
+                         "process with its own token session)")
     macs = read_device_csv(devices)
     limit = c.policy.limits.max_devices_per_batch
     if len(macs) > limit:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +73,17 @@ def check_unique_mac(mac: bytes) -> None:
         raise DeviceError(e.diagnostics()) from None
 
 
+_BLOCK_DATA = re.compile(r"(?:0x)?[0-9a-fA-F]{16,}|(?:\b[0-9a-fA-F]{2}[ :]){8,}[0-9a-fA-F]{2}\b"
+                         r"|(?:0x)?[0-9a-fA-F]{9,}")
+
+
+def redact_block_data(text: str) -> str:
+    """`text` with anything that could be eFuse block contents (long hex runs, hex byte
+    lists; espefuse quotes a block's hex when a read-protected block is not all zeros)
+    replaced by `<block data>`."""
+    return _BLOCK_DATA.sub("<block data>", text)
+
+
 @contextlib.contextmanager
 def espressif_call(what: str) -> Iterator[None]:
     """Run esptool/espefuse code quietly; their `FatalError` becomes `DeviceError`.
@@ -91,6 +103,9 @@ def espressif_call(what: str) -> Iterator[None]:
             yield
     except esptool.FatalError as e:
         first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else "failed"
+        clean = redact_block_data(first_line)
+        if clean != first_line:  # the original (and its traceback) carried block contents
+            raise DeviceError(f"{what}: {clean}") from None
         raise DeviceError(f"{what}: {first_line}") from e
     except (serial.SerialException, OSError) as e:  # cable pulled, port gone, I/O error
         first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else "I/O error"

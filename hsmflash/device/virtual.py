@@ -20,6 +20,7 @@ from hsmflash.device.base import (
     read_base_mac,
 )
 from hsmflash.errors import DeviceError, InputError
+from hsmflash.fileio import open_regular, refuse_special_output, temp_beside
 from hsmflash.formats.kdf import format_mac
 
 
@@ -83,21 +84,26 @@ class VirtualDevice(Device):
 
     def read_flash(self, address: int, size: int) -> bytes:
         self._check_range(address, size)
-        if not self.flash_file.exists():  # never written: erased
+        if not os.path.lexists(self.flash_file):  # never written: erased
             return _ERASED * size
-        with open(self.flash_file, "rb") as f:
-            f.seek(address)
-            return f.read(size)
+        fd = open_regular(self.flash_file, "virtual flash file", follow=False)
+        try:
+            return os.pread(fd, size, address)
+        finally:
+            os.close(fd)
 
     def write_flash(self, address: int, data: bytes) -> None:
         self._check_range(address, len(data))
         try:
             _ensure_flash_file(self.flash_file, self.flash_size)
-            with open(self.flash_file, "r+b") as f:
-                f.seek(address)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            fd = open_regular(self.flash_file, "virtual flash file", os.O_RDWR, follow=False)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, address + len(data) - len(view)):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise DeviceError(f"writing virtual flash {self.flash_file}: "
                               f"{e.strerror or e}") from e
@@ -114,7 +120,7 @@ def _check_flash_file(flash_file: Path, size: int) -> None:
         raise InputError(
             f"flash size {size:#x} for {flash_file} is not a positive multiple of 4 KiB"
         )
-    if flash_file.exists():
+    if refuse_special_output(flash_file, "virtual flash file"):
         actual = flash_file.stat().st_size
         if actual != size:
             raise InputError(
@@ -132,18 +138,24 @@ def _check_flash_file(flash_file: Path, size: int) -> None:
 
 
 def _ensure_flash_file(flash_file: Path, size: int) -> None:
-    """Create the flash file erased (0xFF), atomically, unless it exists."""
-    if flash_file.exists():
+    """Create the flash file erased (0xFF), atomically, unless it exists; the temp file is new
+    (never a planted link) and removed on failure."""
+    if refuse_special_output(flash_file, "virtual flash file"):
         return
-    tmp = flash_file.with_name(flash_file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        chunk = _ERASED * 65536
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        f.write(_ERASED * (size % len(chunk)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, flash_file)
+    fd, tmp = temp_beside(flash_file, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            chunk = _ERASED * 65536
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+            f.write(_ERASED * (size % len(chunk)))
+            f.flush()
+            os.fsync(f.fileno())
+        refuse_special_output(flash_file, "virtual flash file")
+        os.replace(tmp, flash_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def open_virtual(
@@ -165,7 +177,7 @@ def open_virtual(
     chip_obj = chip if isinstance(chip, Chip) else get_chip(chip)
     efuse_file = Path(efuse_file)
     flash_file = Path(flash_file)
-    if not efuse_file.is_file():
+    if not refuse_special_output(efuse_file, "virtual eFuse file"):
         raise InputError(
             f"virtual eFuse file {efuse_file} does not exist (create it with a MAC first)"
         )
@@ -197,10 +209,16 @@ def _save_atomically(emulator: Any, efuse_file: Path) -> None:
     file and a rename instead (made durable by `efuses_burned`)."""
 
     def save_to_file() -> None:
-        tmp = efuse_file.with_name(efuse_file.name + ".tmp")
-        with open(tmp, "wb") as f:
-            emulator.mem.tofile(f)
-        os.replace(tmp, efuse_file)
+        # a new temp file (never a planted link), 0600: dev-mode eFuses hold readable keys
+        fd, tmp = temp_beside(efuse_file, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                emulator.mem.tofile(f)
+            refuse_special_output(efuse_file, "virtual eFuse file")
+            os.replace(tmp, efuse_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     emulator.save_to_file = save_to_file
 
@@ -256,7 +274,7 @@ def create_virtual_chip(
     rev = revision if isinstance(revision, Revision) else Revision(*revision)
     if len(mac) != 6:
         raise InputError(f"MAC {mac.hex()} for {efuse_file} is {len(mac)} bytes, not 6")
-    if efuse_file.exists():
+    if os.path.lexists(efuse_file):
         raise InputError(f"virtual eFuse file {efuse_file} already exists; refusing to overwrite")
     if chip.is_esp32_classic:
         if rev.major not in (0, 1, 3) or not 0 <= rev.minor <= 3:
@@ -267,31 +285,40 @@ def create_virtual_chip(
         raise InputError(f"revision {rev} is out of range for {chip.name} ({efuse_file})")
 
     emulator_class = _emulator_class(chip)
-    tmp = efuse_file.with_name(efuse_file.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with espressif_call(f"creating virtual eFuses {efuse_file}"):
-        emu = emulator_class(str(tmp))
-        emu.set_chip_revision(rev.as_int)
-        mac_field = next(f for f in emu.Fields.EFUSES if f.name == "MAC")
-        block_index = [emu.Blocks.get(b).id for b in emu.Blocks.BLOCKS].index(mac_field.block)
-        emu.direct_write_efuse(mac_field.word, int.from_bytes(mac[2:6], "big"), block=block_index)
-        second = int.from_bytes(mac[0:2], "big")
-        if chip.is_esp32_classic:
-            crc_field = next(f for f in emu.Fields.EFUSES if f.name == "MAC_CRC")
-            # MAC_CRC sits in the same word as the MAC's first two bytes
-            assert crc_field.word == mac_field.word + 1  # noqa: S101 - espefuse layout fact
-            second |= _crc8_esp32(mac) << crc_field.pos
-        emu.direct_write_efuse(mac_field.word + 1, second, block=block_index)
-        emu.save_to_file()
-        stored = read_base_mac(emu)
+    fd, tmp = temp_beside(efuse_file, 0o600)  # new and ours; espefuse rewrites it by name
+    os.close(fd)
+    try:
+        with espressif_call(f"creating virtual eFuses {efuse_file}"):
+            emu = emulator_class(str(tmp))
+            emu.set_chip_revision(rev.as_int)
+            mac_field = next(f for f in emu.Fields.EFUSES if f.name == "MAC")
+            block_index = [emu.Blocks.get(b).id for b in emu.Blocks.BLOCKS].index(mac_field.block)
+            emu.direct_write_efuse(mac_field.word, int.from_bytes(mac[2:6], "big"),
+                                   block=block_index)
+            second = int.from_bytes(mac[0:2], "big")
+            if chip.is_esp32_classic:
+                crc_field = next(f for f in emu.Fields.EFUSES if f.name == "MAC_CRC")
+                # MAC_CRC sits in the same word as the MAC's first two bytes
+                assert crc_field.word == mac_field.word + 1  # noqa: S101 - espefuse layout fact
+                second |= _crc8_esp32(mac) << crc_field.pos
+            emu.direct_write_efuse(mac_field.word + 1, second, block=block_index)
+            emu.save_to_file()
+            stored = read_base_mac(emu)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if stored != mac:
         tmp.unlink(missing_ok=True)
         raise InputError(
             f"virtual eFuses {efuse_file}: MAC {format_mac(mac)} read back as {format_mac(stored)}"
         )
-    fd = os.open(tmp, os.O_RDONLY)
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)
+    if os.path.lexists(efuse_file):
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"virtual eFuse file {efuse_file} already exists; refusing to overwrite")
     os.replace(tmp, efuse_file)

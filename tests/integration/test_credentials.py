@@ -239,7 +239,8 @@ def test_issue_is_audited_with_kcvs(keys, tmp_path, token_env):
     assert exported["CREDENTIAL"] == (info["credential_kcv"], "device_secrets")
     assert exported["NVS_KEYS"] == (info["nvs_keys_kcv"], "device_secrets")
     assert any(x["op"] == "encrypt" and x["subject"].get("device") == DEV_A for x in records)
-    assert keys.run("audit", "verify", token_env["HSMFLASH_AUDIT_LOG"]).code == 0
+    assert keys.run("audit", "verify", token_env["HSMFLASH_AUDIT_LOG"],
+                    "--with-token").code == 0
 
 
 # -- server side ---------------------------------------------------------------------------------
