@@ -40,7 +40,7 @@ from urllib.parse import unquote
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from hsmflash.errors import (
     Error,
@@ -304,8 +304,43 @@ class VerifyReport:
     partial_final_line: int | None = None  # an unterminated fragment, ignored
 
 
+# checkpoint algorithms: the audit key is ECDSA P-256 where the token makes it, else RSA-3072
+ALG_ECDSA_P256 = "ecdsa-p256-sha256"
+ALG_RSA_PSS = "rsassa-pss-3072-sha256"
+_SIG_LEN = {ALG_ECDSA_P256: 2 * _P256_HALF, ALG_RSA_PSS: 384}
+
+
+def checkpoint_alg(public_key: PublicKey) -> str | None:
+    """The checkpoint algorithm for an audit public key, or None if it cannot be one."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve,
+                                                                         ec.SECP256R1):
+        return ALG_ECDSA_P256
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size == 3072:
+        return ALG_RSA_PSS
+    return None
+
+
+def _signature_ok(public_key: PublicKey, alg: str, sig: bytes, digest: bytes) -> bool:
+    try:
+        if alg == ALG_RSA_PSS and isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(sig, digest, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                       salt_length=32),
+                              utils.Prehashed(hashes.SHA256()))
+            return True
+        if alg == ALG_ECDSA_P256 and isinstance(public_key, ec.EllipticCurvePublicKey):
+            if len(sig) != 2 * _P256_HALF:
+                return False
+            der = utils.encode_dss_signature(int.from_bytes(sig[:_P256_HALF], "big"),
+                                             int.from_bytes(sig[_P256_HALF:], "big"))
+            public_key.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            return True
+    except InvalidSignature:
+        return False
+    return False
+
+
 def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
-                       public_key: ec.EllipticCurvePublicKey | None,
+                       public_key: PublicKey | None,
                        key_fp: str | None) -> None:
     d = rec["detail"]
     if rec["phase"] != "ok":
@@ -317,8 +352,11 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
         raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
     except ValueError:
         raw = b""
-    if len(raw) != 2 * _P256_HALF:
-        raise VerificationFailed(f"{where}: checkpoint signature is not a P-256 r||s")
+    alg = d.get("alg", ALG_ECDSA_P256)
+    if alg not in _SIG_LEN:
+        raise VerificationFailed(f"{where}: checkpoint algorithm {str(alg)[:40]!r} is unknown")
+    if len(raw) != _SIG_LEN[alg]:
+        raise VerificationFailed(f"{where}: checkpoint signature has the wrong length for {alg}")
     if public_key is None:
         return
     recorded = rec.get("key_fp")
@@ -327,13 +365,10 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
             and str(recorded).removeprefix("sha256:") != key_fp.removeprefix("sha256:"):
         raise VerificationFailed(f"{where}: checkpoint was signed by another key "
                                  f"({str(recorded)[:23]}...)")
-    der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
-                                     int.from_bytes(raw[_P256_HALF:], "big"))
-    try:
-        public_key.verify(der, checkpoint_digest(prev_seq, rec["prev"]),
-                          ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-    except InvalidSignature as e:
-        raise VerificationFailed(f"{where}: checkpoint signature does not verify") from e
+    if checkpoint_alg(public_key) != alg:
+        raise VerificationFailed(f"{where}: checkpoint is {alg}, the given key cannot verify it")
+    if not _signature_ok(public_key, alg, raw, checkpoint_digest(prev_seq, rec["prev"])):
+        raise VerificationFailed(f"{where}: checkpoint signature does not verify")
 
 
 def verify_log(path: str | Path, public_key: PublicKey | None = None,
@@ -351,11 +386,10 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
         VerificationFailed: naming the first bad record (line number, seq, what is wrong).
     """
     path = Path(path)
-    ec_key: ec.EllipticCurvePublicKey | None = None
+    ec_key: PublicKey | None = None
     if public_key is not None:
-        if not (isinstance(public_key, ec.EllipticCurvePublicKey)
-                and isinstance(public_key.curve, ec.SECP256R1)):
-            raise InputError("the audit public key must be ECDSA P-256")
+        if checkpoint_alg(public_key) is None:
+            raise InputError("the audit public key must be ECDSA P-256 or RSA-3072")
         ec_key = public_key
     key_fp = fingerprint(ec_key) if ec_key is not None else None
     report = VerifyReport(path, signatures_checked=public_key is not None)
@@ -576,11 +610,10 @@ class AuditLog:
             InputError: the log is empty or cannot be written.
             VerificationFailed: the token's head is not in the log (cut, rolled back, replaced).
         """
-        if signer.algorithm != "ec-p256":
-            raise TokenError(f"the audit key must be ec-p256, not {signer.algorithm}")
         public_key = signer.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise TokenError("the audit key's public half is not an EC key")
+        alg = checkpoint_alg(public_key)
+        if signer.algorithm not in ("ec-p256", "rsa-3072") or alg is None:
+            raise TokenError(f"the audit key must be ec-p256 or rsa-3072, not {signer.algorithm}")
         with self._locked() as log:
             if log.seq is None:
                 raise InputError(f"audit log {self.path} is empty: nothing to checkpoint")
@@ -596,18 +629,11 @@ class AuditLog:
             signed_seq, signed_hash = log.seq, log.hash
             digest = checkpoint_digest(signed_seq, signed_hash)
             sig = signer.sign_digest(digest)
-            try:
-                if len(sig) != 2 * _P256_HALF:
-                    raise InvalidSignature
-                public_key.verify(
-                    utils.encode_dss_signature(int.from_bytes(sig[:_P256_HALF], "big"),
-                                               int.from_bytes(sig[_P256_HALF:], "big")),
-                    digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-            except InvalidSignature as e:
-                raise TokenError("the audit key returned a signature that does not verify") from e
+            if not _signature_ok(public_key, alg, sig, digest):
+                raise TokenError("the audit key returned a signature that does not verify")
             record = log.write(CHECKPOINT_OP, "ok", key=key,
                                key_fp=fingerprint(public_key),
                                detail={"signed_seq": signed_seq, "signed_hash": signed_hash,
-                                       "alg": "ecdsa-p256-sha256", "sig": sig.hex()})
+                                       "alg": alg, "sig": sig.hex()})
             head_store.write(record["seq"], record["hash"])
             return record

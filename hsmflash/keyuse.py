@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pkcs11.exceptions as p11x
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsmflash.audit import AuditLog
-from hsmflash.errors import InputError, TokenError
+from hsmflash.errors import Error, InputError, TokenError
 from hsmflash.formats import kdf
 from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
@@ -163,6 +163,81 @@ class TokenHeadStore:
             raise wrap_pkcs11(e, "storing the audit head in the token") from e
 
 
+class KeyIdHeadStore:
+    """The audit head on tokens that refuse data objects (NSS): in the CKA_ID of a small AES
+    secret key object with no usage at all, labelled per log. CKA_ID = uint64_be(seq) ||
+    SHA-256 bytes. Like `TokenHeadStore`, each head is a new object and the older ones are
+    destroyed afterwards; the highest seq wins. A rolled-back or cut log no longer holds the
+    record at that seq with that hash, which is what the checkpoint and `audit verify` check.
+    """
+
+    def __init__(self, session: Any, log_id: str) -> None:
+        self._session = session
+        self._label = f"{AUDIT_HEAD_LABEL}:{log_id}"
+
+    def _objects(self) -> list[tuple[int, str, Any]]:
+        found = []
+        for obj in self._session.get_objects({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self._label,
+        }):
+            ident = bytes(obj[Attribute.ID])
+            if len(ident) != 40:
+                raise ValueError("audit head key object has a malformed CKA_ID")
+            found.append((int.from_bytes(ident[:8], "big"), ident[8:].hex(), obj))
+        return sorted(found, key=lambda t: t[0])
+
+    def read(self) -> tuple[int, str] | None:
+        try:
+            objs = self._objects()
+        except (p11x.PKCS11Error, ValueError) as e:
+            raise TokenError(f"reading the audit head from the token: {type(e).__name__}") from e
+        return (objs[-1][0], objs[-1][1]) if objs else None
+
+    def write(self, seq: int, hash: str) -> None:
+        from hsmflash.token.profile import session_secret_template
+
+        try:
+            old = self._objects()
+            template = {**session_secret_template(), Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True}
+            for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN, Attribute.VERIFY,
+                         Attribute.WRAP, Attribute.UNWRAP, Attribute.DERIVE):
+                template[flag] = False
+            self._session.generate_key(
+                KeyType.AES, 128, label=self._label,
+                id=seq.to_bytes(8, "big") + bytes.fromhex(hash), store=True,
+                capabilities=MechanismFlag(0), template=template)
+            for _, _, obj in old:
+                obj.destroy()
+        except (p11x.PKCS11Error, ValueError) as e:
+            if isinstance(e, p11x.PKCS11Error):
+                raise wrap_pkcs11(e, "storing the audit head in the token (key object)") from e
+            raise TokenError(f"storing the audit head: {type(e).__name__}") from e
+
+
+HEAD_STORES: dict[str, type[TokenHeadStore] | type[KeyIdHeadStore]] = {
+    "data-object": TokenHeadStore, "key-id": KeyIdHeadStore,
+}
+
+
+def find_head_store(session: Any, log_id: str,
+                    preferred: str = "data-object") -> TokenHeadStore | KeyIdHeadStore:
+    """The head store that holds this log's head (either form), else the `preferred` form.
+
+    Raises:
+        TokenError: the token cannot be read.
+    """
+    stores = [HEAD_STORES[preferred](session, log_id)]
+    stores += [cls(session, log_id) for name, cls in HEAD_STORES.items() if name != preferred]
+    for store in stores:
+        try:
+            if store.read() is not None:
+                return store
+        except TokenError:
+            continue  # a token without that object class reads as empty elsewhere
+    return stores[0]
+
+
 def log_id(audit_path: str | Path) -> str | None:
     """A log's identity: the first 16 hex digits of its first record's hash."""
     try:
@@ -194,6 +269,7 @@ class Station:
         self.audit = audit
         self.used_keys = False
         self._keys: dict[str, TokenKey] = {}
+        self._profile: Any = None
 
     @classmethod
     @contextmanager
@@ -210,9 +286,16 @@ class Station:
             st = cls(config, policy, session, audit)
             try:
                 yield st
-            finally:
+            except BaseException:
+                # the command's own error is what the user must see, not a checkpoint's
                 if st.used_keys:
-                    st.checkpoint()
+                    try:
+                        st.checkpoint()
+                    except Error:
+                        pass
+                raise
+            if st.used_keys:
+                st.checkpoint()
 
     # -- keys ---------------------------------------------------------------------------
     def key(self, ref: str) -> TokenKey:
@@ -342,18 +425,28 @@ class Station:
         return supports(self.config, mechanism)
 
     # -- audit checkpoint -------------------------------------------------------------------
+    def profile(self) -> Any:
+        """The token's probed capability profile (cached per token)."""
+        if self._profile is None:
+            from hsmflash.token.profile import load_profile
+
+            self._profile = load_profile(self.config, self.session)
+        return self._profile
+
     def audit_signer(self) -> TokenSigner:
-        """The token's audit key; generated in the token on first need (ec-p256, sign only)."""
+        """The token's audit key; generated in the token on first need, sign only: ECDSA P-256
+        where the token makes it, else RSA-3072 (PSS)."""
         name = self.policy.audit_key
         if not key_exists(self.session, name):
-            return TokenSigner(generate_key(self.session, name, "ec-p256", ("sign",)))
+            key_type = self.profile().audit_key_type
+            return TokenSigner(generate_key(self.session, name, key_type, ("sign",)))
         return TokenSigner(self.key(name))
 
-    def head_store(self) -> TokenHeadStore:
+    def head_store(self) -> TokenHeadStore | KeyIdHeadStore:
         ident = log_id(self.audit.path)
         if ident is None:
             raise InputError(f"audit log {self.audit.path} is empty")
-        return TokenHeadStore(self.session, ident)
+        return find_head_store(self.session, ident, self.profile().audit_head_store)
 
     def checkpoint(self) -> None:
         """Append a checkpoint signed by the audit key and store the head in the token."""

@@ -834,7 +834,7 @@ def audit_verify(
 
     from hsmflash.audit import verify_log
     from hsmflash.fileio import read_input
-    from hsmflash.keyuse import TokenHeadStore, log_id
+    from hsmflash.keyuse import find_head_store, log_id
     from hsmflash.token.keys import find_key
     from hsmflash.token.session import open_session
 
@@ -854,7 +854,7 @@ def audit_verify(
         with open_session(cfg) as session:
             ident = log_id(path)
             if ident is not None:
-                head = TokenHeadStore(session, ident).read()
+                head = find_head_store(session, ident).read()
                 if head is None:
                     raise VerificationFailed(
                         f"the token holds no head for audit log {path} (another token, or the "

@@ -518,7 +518,7 @@ def _create_secret(session: Any, label: str, value: bytes, usage: tuple[str, ...
     }
     try:
         return session.create_object({**base, Attribute.VALUE_LEN: len(value)})
-    except _TEMPLATE_REFUSALS:
+    except (*_TEMPLATE_REFUSALS, p11x.AttributeReadOnly):  # SoftHSM: read-only
         return session.create_object(base)
 
 

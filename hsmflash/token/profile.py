@@ -68,7 +68,7 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
         "use RSA-3072 Secure Boot V2 signatures"),
     "data_objects": (
         "token data objects (CKO_DATA) for the audit head",
-        "nothing: the audit head is then kept in a key object's label"),
+        "nothing: the audit head is then kept in the CKA_ID of a usage-less key object"),
 }
 
 _EC_PARAMS = {
@@ -146,8 +146,8 @@ class Profile:
 
     @property
     def audit_head_store(self) -> str:
-        """Where the audit head lives: a CKO_DATA object, else a key object's label."""
-        return "data-object" if self.has("data_objects") else "key-label"
+        """Where the audit head lives: a CKO_DATA object, else a key object's CKA_ID."""
+        return "data-object" if self.has("data_objects") else "key-id"
 
     def to_json(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "token": self.token, "results": self.results,
