@@ -10,7 +10,6 @@ used and wiped, and the export is audited with its KCV (invariant 3).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +129,9 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                              "(CKA_DERIVE is false)")
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
+    xor_in_token = scheme == ESP32_AES256 and st.profile().has("xor_derivation")
     if key is not None and scheme == ESP32_AES256:
-        raise TokenError(
-            "ESP32-classic flash encryption with a stored key needs the token to derive "
-            "per-block keys (CKM_XOR_BASE_AND_DATA) or to export the key; stored keys never "
-            "leave the token: use --master NAME --device MAC"
-        )
-    xor_in_token = scheme == ESP32_AES256 and st.supports("XOR_BASE_AND_DATA")
+        _check_stored_esp32_key(st, key, xor_in_token)
     path = PATH_XTS if scheme != ESP32_AES256 else (
         PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
     mac = kdf.format_mac(device) if device is not None else None
@@ -165,7 +160,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         try:
             if master is not None and device is not None:
                 derived = st.derive(master, device, PURPOSE_FOR_SCHEME[scheme],
-                                    exportable=(path == PATH_ESP32_EXPORT))
+                                    exportable=(path == PATH_ESP32_EXPORT),
+                                    derive_further=(path == PATH_ESP32_XOR))
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
@@ -174,7 +170,9 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
             elif derived is None:
-                raise InternalError("ESP32-classic path without a derived key")
+                if path != PATH_ESP32_XOR:
+                    raise InternalError("ESP32-classic stored key without the XOR path")
+                out = esp32_xor_in_token(used.primary, data, address, crypt_config, decrypt)
             elif path == PATH_ESP32_EXPORT:
                 secret = st.export(derived, "ESP32-classic flash encryption")
                 outcome["exported"] = {"kcv": kcv, "why": "esp32_classic_transient"}
@@ -184,7 +182,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 finally:
                     wipe(secret)
             else:
-                out = _esp32_xor_in_token(st, derived, data, address, crypt_config, decrypt)
+                out = esp32_xor_in_token(derived.objects[0], data, address, crypt_config,
+                                         decrypt)
         finally:
             if derived is not None:
                 derived.destroy()
@@ -193,51 +192,83 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
 
 
-def _esp32_xor_in_token(st: Station, derived: DerivedKey, data: bytes, address: int,
-                        crypt_config: int, decrypt: bool) -> bytes:
-    """ESP32 classic with per-block keys derived in the token (CKM_XOR_BASE_AND_DATA).
+def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> None:
+    """A stored ESP32-classic flash key (a FiPy fleet's espsecure key, imported) is used only
+    through the token's XOR derivation: it never leaves the token.
 
-    The flash runs AES "backwards" on byte-reversed blocks; espsecure's layout is reproduced
-    by `flashcrypt.esp32_crypt_with_block_ciphers`.
+    Raises:
+        InputError: not an aes-256 key.
+        TokenError: the token lacks XOR derivation, or the key lacks CKA_DERIVE.
     """
-    from pkcs11 import Attribute, KeyType, Mechanism
+    if key.type != "aes-256":
+        raise InputError(f"key {key.name!r} is {key.type}; ESP32-classic flash encryption "
+                         "needs the 32-byte key as an aes-256 key")
+    if not xor_in_token:
+        from hsmflash.token.profile import capability_refusal
 
-    base = derived.objects[0]
-    cache: dict[bytes, Any] = {}
+        raise capability_refusal(
+            st.config.label, "xor_derivation",
+            f"ESP32-classic flash encryption with the stored key {key.name!r}",
+            instead="use a token with CKM_XOR_BASE_AND_DATA (NSS), or derive per-device keys "
+            "from a master (--master NAME --device MAC) under a policy that allows "
+            "export.esp32_classic_transient")
+    if "derive" not in key.usage:
+        raise TokenError(f"key {key.name!r} does not allow derivation (CKA_DERIVE is false); "
+                         "the ESP32-classic XOR path needs it: import it with --usage derive")
 
-    def block_cipher(block_address: int) -> Any:
-        tweak = flashcrypt.esp32_block_tweak(block_address, crypt_config)
-        if tweak not in cache:
-            obj = base.derive_key(
-                KeyType.AES, 256, mechanism=Mechanism.XOR_BASE_AND_DATA, mechanism_param=tweak,
-                template={Attribute.TOKEN: False, Attribute.SENSITIVE: True,
-                          Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True,
-                          Attribute.DECRYPT: True},
-            )
-            cache[tweak] = obj
-        return cache[tweak]
 
+# ESP32-classic blocks handled per batch: bounds memory (one token key alive at a time, one
+# batch of offsets) whatever the image size.
+_XOR_BATCH_BLOCKS = 4096
+
+
+def esp32_xor_in_token(base: Any, data: bytes, address: int, crypt_config: int,
+                       decrypt: bool) -> bytes:
+    """ESP32 classic with each 32-byte block's key derived in the token as `base XOR tweak`
+    (CKM_XOR_BASE_AND_DATA); `base` is the 32-byte flash key, never read out.
+
+    Blocks sharing a tweak (FLASH_CRYPT_CONFIG below 0xF repeats tweaks) go through one
+    C_Encrypt/C_Decrypt call; each per-block key is destroyed as soon as it has been used, so
+    memory stays flat in the image size. The flash runs AES "backwards" on byte-reversed
+    16-byte blocks, as espsecure does.
+
+    Raises:
+        InputError: bad address/length/crypt_config.
+        TokenError: the token refuses a derivation or an AES operation.
+    """
+    import pkcs11.exceptions as p11x
+    from pkcs11 import Attribute, Mechanism
+
+    from hsmflash.token.profile import session_secret_template, xor_derive
+    from hsmflash.token.session import wrap_pkcs11
+
+    check_data(data, address, "input")
+    flashcrypt.esp32_block_tweak(address, crypt_config)  # validates crypt_config
+    template = session_secret_template(Attribute.ENCRYPT, Attribute.DECRYPT)
+    mech = Mechanism.AES_ECB
+    out = bytearray(len(data))
+    view = memoryview(data)
+    step = _XOR_BATCH_BLOCKS * 16
     try:
-        return esp32_with_block_keys(data, address, block_cipher, decrypt)
-    finally:
-        for obj in cache.values():
-            obj.destroy()
-
-
-def esp32_with_block_keys(data: bytes, address: int, block_key: Callable[[int], Any],
-                          decrypt: bool) -> bytes:
-    """ESP32-classic flash crypto given a token key object per 32-byte block address."""
-    from pkcs11 import Mechanism
-
-    out = bytearray()
-    for off in range(0, len(data), 16):
-        blk_addr = (address + off) & ~31
-        obj = block_key(blk_addr)
-        block = data[off:off + 16][::-1]
-        # encrypting flash data is AES-decrypt in the ESP32's reversed-byte convention
-        res = (obj.encrypt(block, mechanism=Mechanism.AES_ECB) if decrypt
-               else obj.decrypt(block, mechanism=Mechanism.AES_ECB))
-        out += bytes(res)[::-1]
+        for start in range(0, len(data), step):
+            groups: dict[bytes, list[int]] = {}
+            for off in range(start, min(start + step, len(data)), 16):
+                tweak = flashcrypt.esp32_block_tweak((address + off) & ~31, crypt_config)
+                groups.setdefault(tweak, []).append(off)
+            for tweak, offsets in groups.items():
+                block_key = xor_derive(base, tweak, template)
+                try:
+                    blob = b"".join(bytes(view[o:o + 16])[::-1] for o in offsets)
+                    # encrypting flash data is AES-decrypt in the ESP32's reversed convention
+                    res = bytes(block_key.encrypt(blob, mechanism=mech) if decrypt
+                                else block_key.decrypt(blob, mechanism=mech))
+                finally:
+                    block_key.destroy()
+                for i, o in enumerate(offsets):
+                    out[o:o + 16] = res[16 * i:16 * i + 16][::-1]
+    except p11x.PKCS11Error as e:
+        raise wrap_pkcs11(e, "ESP32-classic per-block key derivation (CKM_XOR_BASE_AND_DATA)") \
+            from e
     return bytes(out)
 
 

@@ -353,11 +353,12 @@ class Station:
 
     # -- per-device keys ------------------------------------------------------------------
     def derive(self, master: TokenKey, device: bytes, purpose: str,
-               *, exportable: bool = False) -> DerivedKey:
+               *, exportable: bool = False, derive_further: bool = False) -> DerivedKey:
         """Derive K_D for a device and purpose inside the token (session objects).
 
         Call inside `use(...)`. `exportable` makes the session objects extractable, for the
-        audited transient-export path only (invariant 3).
+        audited transient-export path only (invariant 3). `derive_further` gives the objects
+        CKA_DERIVE, for the ESP32-classic per-block keys (CKM_XOR_BASE_AND_DATA).
 
         Raises:
             InputError: bad device id or purpose, or a master of the wrong type.
@@ -376,7 +377,7 @@ class Station:
             Attribute.EXTRACTABLE: exportable,
             Attribute.ENCRYPT: True,
             Attribute.DECRYPT: True,
-            Attribute.DERIVE: False,
+            Attribute.DERIVE: derive_further,
             Attribute.WRAP: False,
             Attribute.UNWRAP: False,
             Attribute.SIGN: False,
@@ -395,8 +396,10 @@ class Station:
         except p11x.MechanismInvalid as e:
             for o in objects:
                 o.destroy()
-            raise TokenError(f"token {self.config.label!r} lacks CKM_AES_ECB_ENCRYPT_DATA, "
-                             "needed for aes-ecb-v1 per-device key derivation") from e
+            from hsmflash.token.profile import capability_refusal
+
+            raise capability_refusal(self.config.label, "in_token_derivation",
+                                     "aes-ecb-v1 per-device key derivation") from e
         except p11x.PKCS11Error as e:
             for o in objects:
                 o.destroy()

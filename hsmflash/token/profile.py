@@ -131,11 +131,7 @@ class Profile:
     def require(self, capability: str, purpose: str) -> None:
         """Raise TokenError naming the missing capability and what to do instead."""
         if not self.has(capability):
-            what, instead = CAPABILITIES[capability]
-            raise TokenError(
-                f"token {self.token.get('label', '?')!r} cannot do {purpose}: missing capability "
-                f"{capability} ({what}); instead: {instead}"
-            )
+            raise capability_refusal(self.token.get("label", "?"), capability, purpose)
 
     @property
     def audit_key_type(self) -> str:
@@ -154,6 +150,15 @@ class Profile:
                 "notes": self.notes, "probed_at": self.probed_at,
                 "audit_key_type": self.audit_key_type,
                 "audit_head_store": self.audit_head_store}
+
+
+def capability_refusal(label: str, capability: str, purpose: str,
+                       instead: str | None = None) -> TokenError:
+    """The one refusal for a missing capability: names it, what needs it, what to do instead."""
+    what, default_instead = CAPABILITIES[capability]
+    return TokenError(
+        f"token {label!r} cannot do {purpose}: missing capability {capability} ({what}); "
+        f"instead: {instead or default_instead} (see `hsmflash token info`)")
 
 
 def token_identity(config: Any) -> dict[str, str]:
