@@ -26,6 +26,7 @@ from hsmflash.formats import kdf
 from hsmflash.keyuse import split_for_purpose
 
 _ZERO16 = (ctypes.c_ubyte * 16)()
+_CKR_MECHANISM_INVALID = 0x70
 
 
 class _Mechanism(ctypes.Structure):
@@ -42,23 +43,94 @@ class _Attribute(ctypes.Structure):
                 ("value_len", ctypes.c_ulong))
 
 
+# CK_FUNCTION_LIST: a CK_VERSION, then the PKCS#11 2.x functions in this order.
+FUNCTION_NAMES = (
+    "C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
+    "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+    "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
+    "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState", "C_SetOperationState",
+    "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject", "C_DestroyObject",
+    "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue", "C_FindObjectsInit",
+    "C_FindObjects", "C_FindObjectsFinal", "C_EncryptInit", "C_Encrypt", "C_EncryptUpdate",
+    "C_EncryptFinal", "C_DecryptInit", "C_Decrypt", "C_DecryptUpdate", "C_DecryptFinal",
+    "C_DigestInit", "C_Digest", "C_DigestUpdate", "C_DigestKey", "C_DigestFinal",
+    "C_SignInit", "C_Sign", "C_SignUpdate", "C_SignFinal", "C_SignRecoverInit",
+    "C_SignRecover", "C_VerifyInit", "C_Verify", "C_VerifyUpdate", "C_VerifyFinal",
+    "C_VerifyRecoverInit", "C_VerifyRecover", "C_DigestEncryptUpdate",
+    "C_DecryptDigestUpdate", "C_SignEncryptUpdate", "C_DecryptVerifyUpdate", "C_GenerateKey",
+    "C_GenerateKeyPair", "C_WrapKey", "C_UnwrapKey", "C_DeriveKey", "C_SeedRandom",
+    "C_GenerateRandom", "C_GetFunctionStatus", "C_CancelFunction", "C_WaitForSlotEvent",
+)
+
+
+class _Version(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+class FunctionList(ctypes.Structure):
+    _fields_ = (("version", _Version),
+                *((name, ctypes.c_void_p) for name in FUNCTION_NAMES))
+
+
+_CK_RV = ctypes.c_ulong
+_SIGNATURES: dict[str, tuple[Any, ...]] = {
+    "C_DeriveKey": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                    ctypes.c_ulong, ctypes.c_void_p),
+    "C_EncryptInit": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong),
+    "C_Encrypt": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                  ctypes.c_void_p),
+    "C_DestroyObject": (ctypes.c_ulong, ctypes.c_ulong),
+}
+
+
+def function_list(module_path: str) -> Any:
+    """The module's CK_FUNCTION_LIST, through C_GetFunctionList: the one symbol every module
+    exports (p11-kit's proxy and client export no C_* functions besides it).
+
+    Raises:
+        TokenError: the module cannot be loaded or has no C_GetFunctionList.
+    """
+    try:
+        lib = ctypes.CDLL(module_path)  # the already loaded, initialised module
+        get = lib.C_GetFunctionList
+    except (OSError, AttributeError) as e:
+        raise TokenError(f"module {module_path} does not export C_GetFunctionList") from e
+    get.restype = _CK_RV
+    get.argtypes = (ctypes.POINTER(ctypes.POINTER(FunctionList)),)
+    ptr = ctypes.POINTER(FunctionList)()
+    rv = get(ctypes.byref(ptr))
+    if rv or not ptr:
+        raise TokenError(f"module {module_path}: C_GetFunctionList failed (CKR {rv:#x})")
+    return ptr.contents
+
+
+def c_function(functions: Any, name: str) -> Any:
+    """A callable for one entry of a CK_FUNCTION_LIST.
+
+    Raises:
+        TokenError: the module leaves the entry empty.
+    """
+    address = getattr(functions, name)
+    if not address:
+        raise TokenError(f"the module does not implement {name}")
+    return ctypes.CFUNCTYPE(_CK_RV, *_SIGNATURES[name])(address)
+
+
 class RawDeriver:
     """KCVs of derived per-device keys, straight through the PKCS#11 C API.
 
     Raises (constructor):
-        TokenError: the module does not export the C functions needed.
+        TokenError: the module has no function list or lacks a function the batch path needs.
     """
 
-    def __init__(self, module_path: str, session: Any, master: Any) -> None:
-        try:
-            self._lib = ctypes.CDLL(module_path)  # the already loaded, initialised module
-            self._derive = self._lib.C_DeriveKey
-            self._encrypt_init = self._lib.C_EncryptInit
-            self._encrypt = self._lib.C_Encrypt
-            self._destroy = self._lib.C_DestroyObject
-        except (OSError, AttributeError) as e:
-            raise TokenError(f"module {module_path} does not export the PKCS#11 functions "
-                             "the batch path needs") from e
+    def __init__(self, module_path: str, session: Any, master: Any, label: str = "?") -> None:
+        self._label = label
+        functions = function_list(module_path)
+        self._functions = functions
+        self._derive = c_function(functions, "C_DeriveKey")
+        self._encrypt_init = c_function(functions, "C_EncryptInit")
+        self._encrypt = c_function(functions, "C_Encrypt")
+        self._destroy = c_function(functions, "C_DestroyObject")
         self._session = ctypes.c_ulong(int(session.handle))
         self._master = ctypes.c_ulong(int(master.handle))
         self._keep: list[Any] = []
@@ -102,8 +174,14 @@ class RawDeriver:
             mech = _Mechanism(self._mech, ctypes.cast(ctypes.pointer(param), ctypes.c_void_p),
                               ctypes.sizeof(param))
             tpl = self._template(len(data))
-            rv = self._derive(self._session, ctypes.byref(mech), self._master, tpl, len(tpl),
+            rv = self._derive(self._session, ctypes.byref(mech), self._master,
+                              ctypes.cast(tpl, ctypes.c_void_p), len(tpl),
                               ctypes.byref(handle))
+            if rv == _CKR_MECHANISM_INVALID:
+                from hsmflash.token.profile import capability_refusal
+
+                raise capability_refusal(self._label, "in_token_derivation",
+                                         "batch per-device key derivation")
             if rv:
                 raise TokenError(f"C_DeriveKey failed (CKR {rv:#x})")
             key = ctypes.c_ulong(handle.value)
@@ -111,7 +189,8 @@ class RawDeriver:
                 out_len.value = 16
                 rv = self._encrypt_init(self._session, ctypes.byref(self._ecb), key)
                 if not rv:
-                    rv = self._encrypt(self._session, _ZERO16, 16, out, ctypes.byref(out_len))
+                    rv = self._encrypt(self._session, ctypes.byref(_ZERO16), 16,
+                                       ctypes.byref(out), ctypes.byref(out_len))
                 if rv:
                     raise TokenError(f"KCV C_Encrypt failed (CKR {rv:#x})")
                 kcvs.append(bytes(out[:3]).hex())
@@ -132,7 +211,7 @@ def _worker(args: tuple[str, str | None, str, str, str, list[bytes]]) -> list[st
     cfg = TokenConfig(module=module, token_label=label, pin_handler=lambda _p: pin)
     with open_session(cfg) as session:
         master = find_key(session, master_name, label)
-        raw = RawDeriver(cfg.module_path, session, master.primary)
+        raw = RawDeriver(cfg.module_path, session, master.primary, label)
         return [raw.kcv(mac, purpose) for mac in macs]
 
 
