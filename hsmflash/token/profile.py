@@ -68,7 +68,7 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
         "use RSA-3072 Secure Boot V2 signatures"),
     "data_objects": (
         "token data objects (CKO_DATA) for the audit head",
-        "nothing: the audit head is then kept in the CKA_ID of a usage-less key object"),
+        "none needed: the audit head is kept in the CKA_ID of a usage-less key object"),
 }
 
 _EC_PARAMS = {
