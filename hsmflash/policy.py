@@ -279,8 +279,10 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
     aud.done()
     if keys and audit_key in keys:
         spec = keys[audit_key]
-        if spec.type != "ec-p256" or "sign" not in spec.usage:
-            raise InputError(f"{source}: keys.{audit_key}: the audit key must be ec-p256 with sign")
+        # ECDSA P-256 where the token makes it, else RSA-3072-PSS (`token info` says which)
+        if spec.type not in ("ec-p256", "rsa-3072") or "sign" not in spec.usage:
+            raise InputError(f"{source}: keys.{audit_key}: the audit key must be ec-p256 or "
+                             "rsa-3072 with sign")
 
     chips: dict[str, ChipProfile] = {}
     for chip_name, table in top.get("chips", dict, {}).items():
