@@ -1346,7 +1346,7 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
                                        c.pin_handler(""), mkey.name, purpose, macs, workers)
             else:
                 raw = RawDeriver(st.config.module_path, st.session, mkey.primary,
-                                 st.config.label)
+                                 st.config.label, st.config.lib())
                 kcvs = [raw.kcv(m, purpose) for m in macs]
             lines = ["mac,purpose,kcv"] + [f"{format_mac(m)},{purpose},{k}"
                                            for m, k in zip(macs, kcvs, strict=True)]

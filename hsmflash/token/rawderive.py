@@ -80,19 +80,56 @@ _SIGNATURES: dict[str, tuple[Any, ...]] = {
     "C_Encrypt": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
                   ctypes.c_void_p),
     "C_DestroyObject": (ctypes.c_ulong, ctypes.c_ulong),
+    "C_GetSessionInfo": (ctypes.c_ulong, ctypes.c_void_p),
 }
 
 
-def function_list(module_path: str) -> Any:
-    """The module's CK_FUNCTION_LIST, through C_GetFunctionList: the one symbol every module
-    exports (p11-kit's proxy and client export no C_* functions besides it).
+class _SessionInfo(ctypes.Structure):
+    _fields_ = (("slot", ctypes.c_ulong), ("state", ctypes.c_ulong), ("flags", ctypes.c_ulong),
+                ("device_error", ctypes.c_ulong))
+
+
+def _loaded_function_list(lib: Any) -> Any:
+    """The CK_FUNCTION_LIST python-pkcs11 itself calls through: `pkcs11.lib` is a Cython
+    object whose first C field (right after the object header, no vtable in its base) is that
+    pointer. Only trusted after `_holds_session` confirms it knows our session."""
+    if lib is None:
+        return None
+    header = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+    address = ctypes.c_void_p.from_address(id(lib) + header).value
+    return ctypes.cast(address, ctypes.POINTER(FunctionList)).contents if address else None
+
+
+def _holds_session(functions: Any, session_handle: int) -> bool:
+    """Whether this function list's module instance knows the session (C_GetSessionInfo)."""
+    if functions is None or not functions.C_GetSessionInfo:
+        return False
+    get_info = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.c_void_p)(
+        functions.C_GetSessionInfo)
+    info = _SessionInfo()
+    return bool(get_info(session_handle, ctypes.byref(info)) == 0)
+
+
+def function_list(module_path: str, lib: Any = None, session_handle: int | None = None) -> Any:
+    """The CK_FUNCTION_LIST that holds `session_handle`: python-pkcs11's own (p11-kit's proxy
+    and client hand out a separate instance per C_GetFunctionList call), else the module's
+    through C_GetFunctionList, the one symbol every module exports (proxies export no other
+    C_* functions).
 
     Raises:
-        TokenError: the module cannot be loaded or has no C_GetFunctionList.
+        TokenError: the module cannot be loaded, has no C_GetFunctionList, or no function list
+            found knows the session.
     """
+    if session_handle is not None:
+        try:
+            own = _loaded_function_list(lib)
+        except (ValueError, OSError):
+            own = None
+        if own is not None and _holds_session(own, session_handle):
+            return own
     try:
-        lib = ctypes.CDLL(module_path)  # the already loaded, initialised module
-        get = lib.C_GetFunctionList
+        dll = ctypes.CDLL(module_path)  # the already loaded, initialised module
+        get = dll.C_GetFunctionList
     except (OSError, AttributeError) as e:
         raise TokenError(f"module {module_path} does not export C_GetFunctionList") from e
     get.restype = _CK_RV
@@ -101,7 +138,11 @@ def function_list(module_path: str) -> Any:
     rv = get(ctypes.byref(ptr))
     if rv or not ptr:
         raise TokenError(f"module {module_path}: C_GetFunctionList failed (CKR {rv:#x})")
-    return ptr.contents
+    functions = ptr.contents
+    if session_handle is not None and not _holds_session(functions, session_handle):
+        raise TokenError(f"module {module_path}: no function list holds this session; the "
+                         "batch path cannot run here (derive devices one by one instead)")
+    return functions
 
 
 def c_function(functions: Any, name: str) -> Any:
@@ -123,9 +164,10 @@ class RawDeriver:
         TokenError: the module has no function list or lacks a function the batch path needs.
     """
 
-    def __init__(self, module_path: str, session: Any, master: Any, label: str = "?") -> None:
+    def __init__(self, module_path: str, session: Any, master: Any, label: str = "?",
+                 lib: Any = None) -> None:
         self._label = label
-        functions = function_list(module_path)
+        functions = function_list(module_path, lib, int(session.handle))
         self._functions = functions
         self._derive = c_function(functions, "C_DeriveKey")
         self._encrypt_init = c_function(functions, "C_EncryptInit")
@@ -211,7 +253,7 @@ def _worker(args: tuple[str, str | None, str, str, str, list[bytes]]) -> list[st
     cfg = TokenConfig(module=module, token_label=label, pin_handler=lambda _p: pin)
     with open_session(cfg) as session:
         master = find_key(session, master_name, label)
-        raw = RawDeriver(cfg.module_path, session, master.primary, label)
+        raw = RawDeriver(cfg.module_path, session, master.primary, label, cfg.lib())
         return [raw.kcv(mac, purpose) for mac in macs]
 
 

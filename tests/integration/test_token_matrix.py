@@ -293,3 +293,33 @@ def test_audit_log_verifies_with_the_public_key_and_against_the_token(token: Tok
     r = token.run("audit", "verify", cut, "--with-token")
     assert r.returncode == 6, r.stdout + r.stderr
     assert hashlib.sha256(token.audit_log.read_bytes()).hexdigest()  # the log is intact
+
+
+def test_batch_derivation_through_the_function_list(token: Token) -> None:
+    """`derive --devices` calls C_DeriveKey through C_GetFunctionList (p11-kit's proxy and
+    client export no C_* symbols): it works where the token derives, else is refused."""
+    token.need("aes_import")
+    master = os.urandom(32)
+    f = token.workdir / "batch-master.key"
+    f.write_bytes(master)
+    name = f"mx-bm-{uuid.uuid4().hex[:6]}"
+    token.ok("keys", "import", name, "--type", "aes-256", "--usage", "derive", "--file", f)
+    f.unlink()
+    devices = token.workdir / "devices.csv"
+    devices.write_text("mac\n24:0a:c4:00:00:01\n24:0a:c4:00:00:02\n")
+    out = token.workdir / "kcvs.csv"
+    r = token.run("derive", "--master", name, "--devices", devices, "-o", out,
+                  "--purpose", "FLASH_ENCRYPTION", "--workers", "1")
+    if not token.caps["in_token_derivation"]:
+        assert r.returncode == 4 and "in_token_derivation" in r.stderr, r.stderr
+        assert not out.exists()
+        pytest.skip(f"{token.name}: missing capability in_token_derivation (refused clearly)")
+    assert r.returncode == 0, r.stderr
+    from hsmflash.formats import kdf
+
+    rows = out.read_text().splitlines()[1:]
+    for row in rows:
+        mac, _purpose, kcv = row.split(",")
+        k_d = _aes_ecb(master, b"".join(kdf.derivation_blocks(
+            bytes.fromhex(mac.replace(":", "")), "FLASH_ENCRYPTION")))
+        assert kcv == _kcv(k_d)
