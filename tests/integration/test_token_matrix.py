@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from conftest import ROOT, TOKEN_LABEL, USER_PIN
 from imagebuilder import build_app
 
+pytestmark = pytest.mark.tokens
 VECTORS = ROOT / "tests" / "vectors" / "esp32-flashcrypt"
 TOKENS = ("softhsm", "nss", "opencryptoki", "tpm2", "p11kit-remote")
 CAPS = ("aes_generate", "aes_import", "in_token_xts", "in_token_derivation", "xor_derivation",
@@ -71,7 +72,7 @@ class Token:
         if policy is not None:
             argv += ["--policy", str(policy)]
         argv += [str(a) for a in args]
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True,  # noqa: S603
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True,
                               timeout=300, check=False)
 
     def ok(self, *args: object, policy: Path | None = None) -> str:
@@ -86,7 +87,7 @@ class Token:
 
 
 def _script_env(script: str, state: Path) -> dict[str, str]:
-    r = subprocess.run(["bash", str(ROOT / "tokens" / script), "start", str(state)],  # noqa: S603, S607
+    r = subprocess.run(["bash", str(ROOT / "tokens" / script), "start", str(state)],
                        capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         pytest.fail(f"tokens/{script} start failed (exit {r.returncode}): {r.stderr[-2000:]}",
@@ -118,7 +119,7 @@ def token(request: pytest.FixtureRequest) -> Iterator[Token]:
         yield tok
     finally:
         if script is not None:
-            subprocess.run(["bash", str(ROOT / "tokens" / script), "stop",  # noqa: S603, S607
+            subprocess.run(["bash", str(ROOT / "tokens" / script), "stop",
                             str(work / "state")], capture_output=True, timeout=120, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
