@@ -172,7 +172,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             elif derived is None:
                 if path != PATH_ESP32_XOR:
                     raise InternalError("ESP32-classic stored key without the XOR path")
-                out = esp32_xor_in_token(used.primary, data, address, crypt_config, decrypt)
+                out = esp32_xor_in_token(st.config, st.session, used.primary, data, address,
+                                         crypt_config, decrypt)
             elif path == PATH_ESP32_EXPORT:
                 secret = st.export(derived, "ESP32-classic flash encryption")
                 outcome["exported"] = {"kcv": kcv, "why": "esp32_classic_transient"}
@@ -182,8 +183,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 finally:
                     wipe(secret)
             else:
-                out = esp32_xor_in_token(derived.objects[0], data, address, crypt_config,
-                                         decrypt)
+                out = esp32_xor_in_token(st.config, st.session, derived.objects[0], data,
+                                         address, crypt_config, decrypt)
         finally:
             if derived is not None:
                 derived.destroy()
@@ -222,53 +223,42 @@ def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> N
 _XOR_BATCH_BLOCKS = 4096
 
 
-def esp32_xor_in_token(base: Any, data: bytes, address: int, crypt_config: int,
-                       decrypt: bool) -> bytes:
+def esp32_xor_in_token(config: Any, session: Any, base: Any, data: bytes, address: int,
+                       crypt_config: int, decrypt: bool) -> bytes:
     """ESP32 classic with each 32-byte block's key derived in the token as `base XOR tweak`
     (CKM_XOR_BASE_AND_DATA); `base` is the 32-byte flash key, never read out.
 
     Blocks sharing a tweak (FLASH_CRYPT_CONFIG below 0xF repeats tweaks) go through one
     C_Encrypt/C_Decrypt call; each per-block key is destroyed as soon as it has been used, so
-    memory stays flat in the image size. The flash runs AES "backwards" on byte-reversed
-    16-byte blocks, as espsecure does.
+    memory stays flat in the image size. The calls go straight through the module's C API
+    (`rawderive.RawXorCipher`). The flash runs AES "backwards" on byte-reversed 16-byte blocks,
+    as espsecure does.
 
     Raises:
         InputError: bad address/length/crypt_config.
         TokenError: the token refuses a derivation or an AES operation.
     """
-    import pkcs11.exceptions as p11x
-    from pkcs11 import Attribute, Mechanism
-
-    from hsmflash.token.profile import session_secret_template, xor_derive
-    from hsmflash.token.session import wrap_pkcs11
+    from hsmflash.token.rawderive import RawXorCipher
 
     check_data(data, address, "input")
     flashcrypt.esp32_block_tweak(address, crypt_config)  # validates crypt_config
-    template = session_secret_template(Attribute.ENCRYPT, Attribute.DECRYPT)
-    mech = Mechanism.AES_ECB
+    cipher = RawXorCipher(config.module_path, session, base, config.lib())
     out = bytearray(len(data))
     view = memoryview(data)
     step = _XOR_BATCH_BLOCKS * 16
-    try:
-        for start in range(0, len(data), step):
-            groups: dict[bytes, list[int]] = {}
-            for off in range(start, min(start + step, len(data)), 16):
+    for start in range(0, len(data), step):
+        groups: dict[bytes, list[int]] = {}
+        tweak = b""
+        for off in range(start, min(start + step, len(data)), 16):
+            if off == start or (address + off) % 32 == 0:  # both halves share a tweak
                 tweak = flashcrypt.esp32_block_tweak((address + off) & ~31, crypt_config)
-                groups.setdefault(tweak, []).append(off)
-            for tweak, offsets in groups.items():
-                block_key = xor_derive(base, tweak, template)
-                try:
-                    blob = b"".join(bytes(view[o:o + 16])[::-1] for o in offsets)
-                    # encrypting flash data is AES-decrypt in the ESP32's reversed convention
-                    res = bytes(block_key.encrypt(blob, mechanism=mech) if decrypt
-                                else block_key.decrypt(blob, mechanism=mech))
-                finally:
-                    block_key.destroy()
-                for i, o in enumerate(offsets):
-                    out[o:o + 16] = res[16 * i:16 * i + 16][::-1]
-    except p11x.PKCS11Error as e:
-        raise wrap_pkcs11(e, "ESP32-classic per-block key derivation (CKM_XOR_BASE_AND_DATA)") \
-            from e
+            groups.setdefault(tweak, []).append(off)
+        for tweak, offsets in groups.items():
+            blob = b"".join(bytes(view[o:o + 16])[::-1] for o in offsets)
+            # encrypting flash data is AES-decrypt in the ESP32's reversed convention
+            res = cipher.crypt(tweak, blob, encrypt=decrypt)
+            for i, o in enumerate(offsets):
+                out[o:o + 16] = res[16 * i:16 * i + 16][::-1]
     return bytes(out)
 
 

@@ -81,6 +81,9 @@ _SIGNATURES: dict[str, tuple[Any, ...]] = {
                   ctypes.c_void_p),
     "C_DestroyObject": (ctypes.c_ulong, ctypes.c_ulong),
     "C_GetSessionInfo": (ctypes.c_ulong, ctypes.c_void_p),
+    "C_DecryptInit": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong),
+    "C_Decrypt": (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                  ctypes.c_void_p),
 }
 
 
@@ -239,6 +242,80 @@ class RawDeriver:
             finally:
                 self._destroy(self._session, key)
         return "/".join(kcvs)
+
+
+def _attribute_template(bools: dict[Attribute, bool], ulongs: dict[Attribute, int],
+                        keep: list[Any]) -> Any:
+    items: list[tuple[int, Any]] = [(int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
+    items += [(int(a), ctypes.c_ulong(int(v))) for a, v in ulongs.items()]
+    tpl = (_Attribute * len(items))()
+    for i, (attr, buf) in enumerate(items):
+        keep.append(buf)
+        tpl[i] = _Attribute(attr, ctypes.cast(ctypes.pointer(buf), ctypes.c_void_p),
+                            ctypes.sizeof(buf))
+    return tpl
+
+
+class RawXorCipher:
+    """ESP32-classic per-block keys through the C API: for each tweak, C_DeriveKey
+    (CKM_XOR_BASE_AND_DATA, base XOR tweak) into a session object, one C_Encrypt/C_Decrypt
+    (CKM_AES_ECB) over every block that uses it, C_DestroyObject at once. No Python object per
+    key (python-pkcs11 builds a class per handle), and only one per-block key alive at a time.
+
+    Raises (constructor):
+        TokenError: no function list holds the session, or a function is missing.
+    """
+
+    def __init__(self, module_path: str, session: Any, base: Any, lib: Any = None) -> None:
+        functions = function_list(module_path, lib, int(session.handle))
+        self._derive = c_function(functions, "C_DeriveKey")
+        self._init = {False: c_function(functions, "C_DecryptInit"),
+                      True: c_function(functions, "C_EncryptInit")}
+        self._run = {False: c_function(functions, "C_Decrypt"),
+                     True: c_function(functions, "C_Encrypt")}
+        self._destroy = c_function(functions, "C_DestroyObject")
+        self._session = ctypes.c_ulong(int(session.handle))
+        self._base = ctypes.c_ulong(int(base.handle))
+        self._keep: list[Any] = []
+        self._tpl = _attribute_template(
+            {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+             Attribute.ENCRYPT: True, Attribute.DECRYPT: True},
+            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+             Attribute.VALUE_LEN: 32}, self._keep)
+        self._ecb = _Mechanism(int(Mechanism.AES_ECB), None, 0)
+        self._tweak = ctypes.create_string_buffer(32)
+        self._param = _DerivationString(ctypes.cast(self._tweak, ctypes.c_char_p), 32)
+        self._mech = _Mechanism(int(Mechanism.XOR_BASE_AND_DATA),
+                                ctypes.cast(ctypes.pointer(self._param), ctypes.c_void_p),
+                                ctypes.sizeof(self._param))
+
+    def crypt(self, tweak: bytes, blocks: bytes, *, encrypt: bool) -> bytes:
+        """AES-ECB (encrypt or decrypt) of `blocks` with the key `base XOR tweak`.
+
+        Raises:
+            TokenError: a call failed (with its return code).
+        """
+        ctypes.memmove(self._tweak, tweak, 32)
+        handle = ctypes.c_ulong()
+        rv = self._derive(self._session, ctypes.byref(self._mech), self._base,
+                          ctypes.cast(self._tpl, ctypes.c_void_p), len(self._tpl),
+                          ctypes.byref(handle))
+        if rv:
+            raise TokenError(f"C_DeriveKey (CKM_XOR_BASE_AND_DATA) failed (CKR {rv:#x})")
+        key = ctypes.c_ulong(handle.value)
+        try:
+            out = ctypes.create_string_buffer(len(blocks))
+            out_len = ctypes.c_ulong(len(blocks))
+            rv = self._init[encrypt](self._session, ctypes.byref(self._ecb), key)
+            if not rv:
+                rv = self._run[encrypt](self._session, blocks, len(blocks), out,
+                                        ctypes.byref(out_len))
+            if rv:
+                raise TokenError(f"AES-ECB with a per-block key failed (CKR {rv:#x})")
+            return out.raw[:out_len.value]
+        finally:
+            self._destroy(self._session, key)
+            ctypes.memset(self._tweak, 0, 32)
 
 
 def _worker(args: tuple[str, str | None, str, str, str, list[bytes]]) -> list[str]:
