@@ -27,6 +27,7 @@ PURPOSE_FOR_SCHEME = {
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
 PATH_ESP32_EXPORT = "esp32-transient-export"
+PATH_ESP32_STORED_EXPORT = "esp32-stored-key-transient-export"
 
 
 @dataclass
@@ -130,10 +131,12 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
     xor_in_token = scheme == ESP32_AES256 and st.profile().has("xor_derivation")
+    stored_export = False
     if key is not None and scheme == ESP32_AES256:
-        _check_stored_esp32_key(st, key, xor_in_token)
+        stored_export = _check_stored_esp32_key(st, key, xor_in_token)
     path = PATH_XTS if scheme != ESP32_AES256 else (
-        PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
+        PATH_ESP32_STORED_EXPORT if stored_export
+        else PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
     mac = kdf.format_mac(device) if device is not None else None
     policy = st.policy
 
@@ -144,6 +147,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             policy.check_master(master.name, chip.name if chip.name in policy.chips else None)
         if path == PATH_ESP32_EXPORT:
             policy.check_export("esp32_classic_transient")
+        if path == PATH_ESP32_STORED_EXPORT:
+            policy.check_export("esp32_classic_stored_transient")
 
     used = key if key is not None else master
     if used is None:
@@ -169,6 +174,16 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 k1, k2 = derived.ciphers() if derived else (st.cipher(used, 0), st.cipher(used, 1))
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
+            elif derived is None and path == PATH_ESP32_STORED_EXPORT:
+                secret = st.export_stored(used, "ESP32-classic flash encryption")
+                if kcv == "n/a":  # a derive-only key: its KCV from the bytes just wrapped out
+                    kcv = flashcrypt.SoftwareAes(secret).encrypt_ecb(bytes(16))[:3].hex()
+                outcome["exported"] = {"kcv": kcv, "why": "esp32_classic_stored_transient"}
+                try:
+                    fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
+                    out = fn32(data, address, secret, crypt_config)
+                finally:
+                    wipe(secret)
             elif derived is None:
                 if path != PATH_ESP32_XOR:
                     raise InternalError("ESP32-classic stored key without the XOR path")
@@ -193,17 +208,22 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
 
 
-def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> None:
-    """A stored ESP32-classic flash key (a FiPy fleet's espsecure key, imported) is used only
-    through the token's XOR derivation: it never leaves the token.
+def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> bool:
+    """A stored ESP32-classic flash key (a FiPy fleet's espsecure key, imported) is used
+    through the token's XOR derivation, never leaving the token. On a token without it, only a
+    key imported `--wrappable` (policy export.esp32_classic_stored_transient, checked in the
+    `use`) is wrapped out to memory per use; returns True for that path.
 
     Raises:
         InputError: not an aes-256 key.
-        TokenError: the token lacks XOR derivation, or the key lacks CKA_DERIVE.
+        TokenError: the token lacks XOR derivation (and the key is not wrappable), or the key
+            lacks CKA_DERIVE.
     """
     if key.type != "aes-256":
         raise InputError(f"key {key.name!r} is {key.type}; ESP32-classic flash encryption "
                          "needs the 32-byte key as an aes-256 key")
+    if not xor_in_token and key.extractable:
+        return True
     if not xor_in_token:
         from hsmflash.token.profile import capability_refusal
 
@@ -212,10 +232,12 @@ def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> N
             f"ESP32-classic flash encryption with the stored key {key.name!r}",
             instead="use a token with CKM_XOR_BASE_AND_DATA (NSS), or derive per-device keys "
             "from a master (--master NAME --device MAC) under a policy that allows "
-            "export.esp32_classic_transient")
+            "export.esp32_classic_transient, or re-import the key with --wrappable under a "
+            "policy that allows export.esp32_classic_stored_transient")
     if "derive" not in key.usage:
         raise TokenError(f"key {key.name!r} does not allow derivation (CKA_DERIVE is false); "
                          "the ESP32-classic XOR path needs it: import it with --usage derive")
+    return False
 
 
 # ESP32-classic blocks handled per batch: bounds memory (one token key alive at a time, one

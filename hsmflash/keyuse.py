@@ -424,6 +424,61 @@ class Station:
             raise wrap_pkcs11(e, f"exporting the {derived.purpose} key for {reason}") from e
         return out
 
+    def export_stored(self, key: TokenKey, reason: str) -> bytearray:
+        """Wrap a stored, wrappable (CKA_EXTRACTABLE) secret key out to memory under a
+        throwaway session key known to this process, and unwrap it here. The caller must wipe
+        it; the policy check and the audit record with its KCV belong to the enclosing `use`.
+
+        Raises:
+            TokenError: the key is not wrappable, or the token refuses every wrap mechanism.
+        """
+        import secrets
+
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+        from hsmflash.token.profile import session_secret_template
+
+        if not key.extractable:
+            raise TokenError(f"key {key.name!r} is not wrappable (CKA_EXTRACTABLE is false); "
+                             "only a key imported with --wrappable can leave the token")
+        kek = bytearray(secrets.token_bytes(32))
+        wrapping = None
+        try:
+            wrapping = self.session.create_object({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: bytes(kek),
+                **session_secret_template(Attribute.WRAP),
+            })
+            last: Exception | None = None
+            for mech in (Mechanism.AES_KEY_WRAP, Mechanism.AES_ECB):
+                try:
+                    wrapped = bytes(wrapping.wrap_key(key.primary, mechanism=mech))
+                except p11x.PKCS11Error as e:
+                    last = e
+                    continue
+                if mech == Mechanism.AES_KEY_WRAP:
+                    try:
+                        return bytearray(aes_key_unwrap(bytes(kek), wrapped))
+                    except InvalidUnwrap as e:
+                        raise TokenError(f"unwrapping key {key.name!r}: integrity check "
+                                         "failed") from e
+                dec = Cipher(algorithms.AES(bytes(kek)), modes.ECB()).decryptor()  # noqa: S305
+                return bytearray(dec.update(wrapped) + dec.finalize())
+            raise TokenError(
+                f"token {self.config.label!r} cannot wrap key {key.name!r} out for {reason} "
+                f"(CKM_AES_KEY_WRAP and CKM_AES_ECB refused: {type(last).__name__}); use a "
+                "token with CKM_XOR_BASE_AND_DATA (capability xor_derivation) for this key")
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"wrapping key {key.name!r} out for {reason}") from e
+        finally:
+            wipe(kek)
+            if wrapping is not None:
+                try:
+                    wrapping.destroy()
+                except p11x.PKCS11Error:
+                    pass
+
     def supports(self, mechanism: str) -> bool:
         return supports(self.config, mechanism)
 

@@ -57,6 +57,7 @@ class ChipProfile:
 class ExportRules:
     efuse_burn: bool = False
     esp32_classic_transient: bool = False
+    esp32_classic_stored_transient: bool = False  # a migrated ESP32 key, wrapped out per use
     decrypt: bool = False
     device_secrets: bool = False
 
@@ -144,6 +145,11 @@ class Policy:
                 "efuse_burn": "burning it into the chip's eFuses",
                 "esp32_classic_transient": (
                     "ESP32-classic flash encryption on a token without CKM_XOR_BASE_AND_DATA"
+                ),
+                "esp32_classic_stored_transient": (
+                    "ESP32-classic flash encryption with a stored (migrated) key on a token "
+                    "without CKM_XOR_BASE_AND_DATA (the key is imported wrappable and wrapped "
+                    "out to memory per use)"
                 ),
                 "device_secrets": (
                     "writing a device's credential and NVS keys into its NVS partitions"
@@ -292,6 +298,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
     export = ExportRules(
         efuse_burn=ex.get("efuse_burn", bool, False),
         esp32_classic_transient=ex.get("esp32_classic_transient", bool, False),
+        esp32_classic_stored_transient=ex.get("esp32_classic_stored_transient", bool, False),
         decrypt=ex.get("decrypt", bool, False),
         device_secrets=ex.get("device_secrets", bool, False),
     )

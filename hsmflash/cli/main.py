@@ -390,6 +390,10 @@ def keys_import(
     file: Annotated[str, typer.Option("--file", help="espsecure key file: raw AES bytes "
                                        "(32/64) or a PEM private key.")],
     usage: UsageOpt = None,
+    wrappable: Annotated[bool, typer.Option(
+        "--wrappable", help="aes-256 ESP32-classic flash key for a token without XOR "
+        "derivation: may be wrapped out to memory per use (policy "
+        "export.esp32_classic_stored_transient).")] = False,
 ) -> None:
     """Migrate an espsecure key file into the token (it becomes non-extractable).
 
@@ -403,9 +407,16 @@ def keys_import(
     flags = check_type_usage(key_type, usage)
     material = bytearray(read_input(file, "key file"))
     try:
+        def check() -> None:
+            if wrappable:
+                c.policy.check_export("esp32_classic_stored_transient")
+
         with c.station() as st, st.use("keys.import", subject={"name": name}, key_name=name,
-                                       detail={"type": key_type, "usage": list(flags)}) as out:
-            key = import_key(st.session, name, key_type, material, flags, source=str(file))
+                                       detail={"type": key_type, "usage": list(flags),
+                                               **({"wrappable": True} if wrappable else {})},
+                                       check=check) as out:
+            key = import_key(st.session, name, key_type, material, flags, source=str(file),
+                             wrappable=wrappable)
             info = key.describe()
             out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
     finally:

@@ -471,18 +471,23 @@ def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] 
 
 def import_key(
     session: Any, name: str, key_type: str, material: bytes | bytearray,
-    usage: tuple[str, ...] = (), *, source: str = "key file",
+    usage: tuple[str, ...] = (), *, source: str = "key file", wrappable: bool = False,
 ) -> TokenKey:
     """Import an espsecure key file (raw AES bytes, or a PEM private key) into the token.
 
-    The imported key becomes sensitive and non-extractable. The caller should tell the user to
-    destroy the source file.
+    The imported key becomes sensitive and non-extractable; `wrappable` (aes-256 only, for a
+    migrated ESP32-classic key on a token without XOR derivation, where the policy allows it)
+    keeps it sensitive but lets it be wrapped out (`CKA_EXTRACTABLE=true`). The caller should
+    tell the user to destroy the source file.
 
     Raises:
         InputError: the material does not fit `key_type` (message names `source`, never bytes).
         TokenError: the token refuses.
     """
     usage = check_type_usage(key_type, usage)
+    if wrappable and key_type != "aes-256":
+        raise InputError(f"only an aes-256 key (an ESP32-classic flash key) can be imported "
+                         f"wrappable, not {key_type}")
     _refuse_existing(session, name)
     try:
         if key_type in _AES_BITS:
@@ -495,7 +500,11 @@ def import_key(
                 )
             labels = [name + p for p in XTS_PARTS] if parts == 2 else [name]
             for i, label in enumerate(labels):
-                _create_secret(session, label, bytes(material[i * size:(i + 1) * size]), usage)
+                template = _secret_template(usage)
+                if wrappable:
+                    template[Attribute.EXTRACTABLE] = True
+                _create_secret(session, label, bytes(material[i * size:(i + 1) * size]), usage,
+                               template)
         else:
             private = _load_private_pem(material, key_type, source)
             _create_private(session, name, object_id(name), key_type, private)

@@ -324,3 +324,48 @@ def test_batch_derivation_through_the_function_list(token: Token) -> None:
         k_d = _aes_ecb(master, b"".join(kdf.derivation_blocks(
             bytes.fromhex(mac.replace(":", "")), "FLASH_ENCRYPTION")))
         assert kcv == _kcv(k_d)
+
+
+def test_esp32_classic_stored_key_without_xor_only_wrapped_out_under_policy(token: Token) -> None:
+    """A FiPy fleet's espsecure key on a token without XOR derivation: importing it wrappable
+    needs export.esp32_classic_stored_transient; then each use wraps it out to memory, audited
+    with its KCV, and the output equals Espressif's vectors."""
+    token.need("aes_import")
+    if token.caps["xor_derivation"]:
+        pytest.skip(f"{token.name}: has xor_derivation; the stored key never leaves the token")
+    name = f"mx-wfe-{uuid.uuid4().hex[:6]}"
+    keyfile = VECTORS / "256bit_key.bin"
+    strict = _write_policy(token, {}, "")
+    r = token.run("keys", "import", name, "--type", "aes-256", "--usage", "derive", "--file",
+                  keyfile, "--wrappable", policy=strict)
+    assert r.returncode == 5 and "esp32_classic_stored_transient" in r.stderr, r.stderr
+    allow = "[export]\nesp32_classic_stored_transient = true\nefuse_burn = true\n"
+    token.ok("keys", "import", name, "--type", "aes-256", "--usage", "derive", "--file",
+             keyfile, "--wrappable", policy=_write_policy(token, {}, allow))
+    for conf, vector in ((0x3, "-conf3"), (0xF, "")):
+        chip = ("[chips.esp32]\nflash_encryption = \"esp32-aes-256\"\n"
+                f"flash_crypt_config = {conf}\n"
+                f'derive = {{ master = "{name}", scheme = "aes-ecb-v1" }}\n')
+        out = token.workdir / f"wbl-{conf:x}.enc"
+        args = ("--json", "encrypt", VECTORS / "bootloader.bin", "-o", out, "--chip", "esp32",
+                "--address", "0x1000", "--key", name)
+        keys = {name: ("aes-256", "derive")}
+        denied = token.run(*args, policy=_write_policy(
+            token, keys, chip + "[export]\nefuse_burn = true\n"))
+        assert denied.returncode == 5 and "esp32_classic_stored_transient" in denied.stderr
+        assert not out.exists()
+        r = token.run(*args, policy=_write_policy(token, keys, chip + allow))
+        if token.name == "p11kit-remote":  # the client filters the wrap mechanisms
+            assert r.returncode == 4 and "cannot wrap key" in r.stderr, r.stderr
+            assert not out.exists()
+            pytest.skip("p11kit-remote: key wrapping is filtered by the p11-kit client "
+                        "(refused clearly, naming xor_derivation)")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["path"] == "esp32-stored-key-transient-export"
+        assert out.read_bytes() == (VECTORS / f"bootloader-encrypted{vector}.bin").read_bytes()
+    records = [json.loads(line) for line in token.audit_log.read_text().splitlines()]
+    exported = [r["detail"]["exported"] for r in records
+                if r["op"] == "encrypt" and r["phase"] == "ok" and "exported" in r["detail"]]
+    key = keyfile.read_bytes()
+    assert exported and all(e["kcv"] == _kcv(key) for e in exported)
+    assert key.hex() not in token.audit_log.read_text()
