@@ -160,6 +160,13 @@ def test_profile_matches_the_tested_tokens_table(token: Token) -> None:
     assert info["audit"]["key_type"] == want_key
     assert info["audit"]["head_store"] == ("data-object" if token.caps["data_objects"]
                                            else "key-id")
+    # probing again leaves nothing behind in the token
+    before = token.ok("--json", "keys", "list")
+    fresh = json.loads(token.ok("--json", "token", "info", "--refresh"))
+    assert not fresh["profile"]["cached"]
+    assert {c: v["ok"] for c, v in fresh["capabilities"].items()} == EXPECTED[token.name]
+    assert token.ok("--json", "keys", "list") == before
+    assert "hsmflash-probe" not in before
 
 
 def test_keys_create_for_what_the_token_can_do(token: Token) -> None:
