@@ -48,9 +48,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hsmflash.errors import (
     Error,
@@ -59,7 +57,12 @@ from hsmflash.errors import (
     TokenError,
     VerificationFailed,
 )
-from hsmflash.formats.primitives import DigestSigner, PublicKey, fingerprint
+from hsmflash.formats.primitives import (
+    DigestSigner,
+    PublicKey,
+    fingerprint,
+    verify_digest_signature,
+)
 
 VERSION = 1
 GENESIS_PREV = "0" * 64
@@ -139,21 +142,13 @@ def checkpoint_digest(seq: int, hash_hex: str) -> bytes:
     return hashlib.sha256(struct.pack(">Q", seq) + bytes.fromhex(hash_hex)).digest()
 
 
-def _sig_verifies(public_key: ec.EllipticCurvePublicKey, sig: object, digest: bytes) -> bool:
-    """Does `sig` (hex r||s, P-256) verify over the prehashed `digest`?"""
+def _sig_verifies(public_key: PublicKey, sig: object, digest: bytes) -> bool:
+    """Does `sig` (hex, as the token signed it) verify over the prehashed `digest`?"""
     try:
         raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
     except ValueError:
         return False
-    if len(raw) != 2 * _P256_HALF:
-        return False
-    der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
-                                     int.from_bytes(raw[_P256_HALF:], "big"))
-    try:
-        public_key.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-    except InvalidSignature:
-        return False
-    return True
+    return verify_digest_signature(public_key, raw, digest)
 
 
 def _now() -> str:
@@ -386,8 +381,28 @@ class VerifyReport:
     partial_final_line: int | None = None  # an unterminated fragment, ignored
 
 
+# checkpoint algorithms: the audit key is ECDSA P-256 where the token makes it, else RSA-3072
+ALG_ECDSA_P256 = "ecdsa-p256-sha256"
+ALG_RSA_PSS = "rsassa-pss-3072-sha256"
+_SIG_LEN = {ALG_ECDSA_P256: 2 * _P256_HALF, ALG_RSA_PSS: 384}
+
+
+def checkpoint_alg(public_key: PublicKey) -> str | None:
+    """The checkpoint algorithm for an audit public key, or None if it cannot be one."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve,
+                                                                         ec.SECP256R1):
+        return ALG_ECDSA_P256
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size == 3072:
+        return ALG_RSA_PSS
+    return None
+
+
+def _signature_ok(public_key: PublicKey, alg: str, sig: bytes, digest: bytes) -> bool:
+    return checkpoint_alg(public_key) == alg and verify_digest_signature(public_key, sig, digest)
+
+
 def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
-                       public_key: ec.EllipticCurvePublicKey | None,
+                       public_key: PublicKey | None,
                        key_fp: str | None) -> None:
     d = rec["detail"]
     if rec["phase"] != "ok":
@@ -399,8 +414,11 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
         raw = bytes.fromhex(sig) if isinstance(sig, str) else b""
     except ValueError:
         raw = b""
-    if len(raw) != 2 * _P256_HALF:
-        raise VerificationFailed(f"{where}: checkpoint signature is not a P-256 r||s")
+    alg = d.get("alg", ALG_ECDSA_P256)
+    if alg not in _SIG_LEN:
+        raise VerificationFailed(f"{where}: checkpoint algorithm {str(alg)[:40]!r} is unknown")
+    if len(raw) != _SIG_LEN[alg]:
+        raise VerificationFailed(f"{where}: checkpoint signature has the wrong length for {alg}")
     if public_key is None:
         return
     recorded = rec.get("key_fp")
@@ -409,13 +427,10 @@ def _verify_checkpoint(rec: Record, where: str, prev_seq: int | None,
             and str(recorded).removeprefix("sha256:") != key_fp.removeprefix("sha256:"):
         raise VerificationFailed(f"{where}: checkpoint was signed by another key "
                                  f"({str(recorded)[:23]}...)")
-    der = utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
-                                     int.from_bytes(raw[_P256_HALF:], "big"))
-    try:
-        public_key.verify(der, checkpoint_digest(prev_seq, rec["prev"]),
-                          ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-    except InvalidSignature as e:
-        raise VerificationFailed(f"{where}: checkpoint signature does not verify") from e
+    if checkpoint_alg(public_key) != alg:
+        raise VerificationFailed(f"{where}: checkpoint is {alg}, the given key cannot verify it")
+    if not _signature_ok(public_key, alg, raw, checkpoint_digest(prev_seq, rec["prev"])):
+        raise VerificationFailed(f"{where}: checkpoint signature does not verify")
 
 
 def verify_log(path: str | Path, public_key: PublicKey | None = None,
@@ -433,13 +448,12 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
         VerificationFailed: naming the first bad record (line number, seq, what is wrong).
     """
     path = Path(path)
-    ec_key: ec.EllipticCurvePublicKey | None = None
+    audit_key: PublicKey | None = None
     if public_key is not None:
-        if not (isinstance(public_key, ec.EllipticCurvePublicKey)
-                and isinstance(public_key.curve, ec.SECP256R1)):
-            raise InputError("the audit public key must be ECDSA P-256")
-        ec_key = public_key
-    key_fp = fingerprint(ec_key) if ec_key is not None else None
+        if checkpoint_alg(public_key) is None:
+            raise InputError("the audit public key must be ECDSA P-256 or RSA-3072")
+        audit_key = public_key
+    key_fp = fingerprint(audit_key) if audit_key is not None else None
     report = VerifyReport(path, signatures_checked=public_key is not None)
     pending: dict[int, OpenIntent] = {}
     prev_seq: int | None = None
@@ -461,11 +475,12 @@ def verify_log(path: str | Path, public_key: PublicKey | None = None,
                 raise VerificationFailed(f"{where}: seq {seq} where {want} was expected")
             if rec["prev"] != prev_hash:
                 raise VerificationFailed(f"{where}: prev does not match the previous record")
-            if ec_key is not None and "tag" in rec \
-                    and not _sig_verifies(ec_key, rec["tag"], checkpoint_digest(seq, rec["hash"])):
+            tag_digest = checkpoint_digest(seq, rec["hash"])
+            if audit_key is not None and "tag" in rec \
+                    and not _sig_verifies(audit_key, rec["tag"], tag_digest):
                 raise VerificationFailed(f"{where}: record tag is not the audit key's signature")
             if rec["op"] == CHECKPOINT_OP:
-                _verify_checkpoint(rec, where, prev_seq, ec_key, key_fp)
+                _verify_checkpoint(rec, where, prev_seq, audit_key, key_fp)
                 report.checkpoints += 1
                 report.unsigned_tail = 0
             else:
@@ -624,7 +639,7 @@ class AuditLog:
         self.station = station
         self.actor = actor
         self._anchor: Anchor | None = None
-        self._public: ec.EllipticCurvePublicKey | None = None
+        self._public: PublicKey | None = None
         # the last (seq, hash) this process has verified or written (None: not yet checked)
         self._verified: tuple[int | None, str] | None = None
 
@@ -634,12 +649,12 @@ class AuditLog:
         then from the last verified record), and every record written carries a tag.
 
         Raises:
-            TokenError: the audit key is not an ECDSA P-256 key.
+            TokenError: the audit key is neither ECDSA P-256 nor RSA-3072.
         """
         public_key = anchor.signer.public_key()
-        if anchor.signer.algorithm != "ec-p256" or not isinstance(
-                public_key, ec.EllipticCurvePublicKey):
-            raise TokenError(f"the audit key must be ec-p256, not {anchor.signer.algorithm}")
+        if checkpoint_alg(public_key) is None:
+            raise TokenError("the audit key must be ec-p256 or rsa-3072, not "
+                             f"{anchor.signer.algorithm}")
         self._anchor, self._public, self._verified = anchor, public_key, None
 
     def _refuse(self, what: str, recover: str) -> VerificationFailed:
@@ -792,11 +807,10 @@ class AuditLog:
             InputError: the log is empty or cannot be written.
             VerificationFailed: the token's head is not in the log (cut, rolled back, replaced).
         """
-        if signer.algorithm != "ec-p256":
-            raise TokenError(f"the audit key must be ec-p256, not {signer.algorithm}")
         public_key = signer.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise TokenError("the audit key's public half is not an EC key")
+        alg = checkpoint_alg(public_key)
+        if signer.algorithm not in ("ec-p256", "rsa-3072") or alg is None:
+            raise TokenError(f"the audit key must be ec-p256 or rsa-3072, not {signer.algorithm}")
         with self._locked() as log:
             if log.seq is None:
                 raise InputError(f"audit log {self.path} is empty: nothing to checkpoint")
@@ -812,18 +826,11 @@ class AuditLog:
             signed_seq, signed_hash = log.seq, log.hash
             digest = checkpoint_digest(signed_seq, signed_hash)
             sig = signer.sign_digest(digest)
-            try:
-                if len(sig) != 2 * _P256_HALF:
-                    raise InvalidSignature
-                public_key.verify(
-                    utils.encode_dss_signature(int.from_bytes(sig[:_P256_HALF], "big"),
-                                               int.from_bytes(sig[_P256_HALF:], "big")),
-                    digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-            except InvalidSignature as e:
-                raise TokenError("the audit key returned a signature that does not verify") from e
+            if not _signature_ok(public_key, alg, sig, digest):
+                raise TokenError("the audit key returned a signature that does not verify")
             record = log.write(CHECKPOINT_OP, "ok", key=key,
                                key_fp=fingerprint(public_key),
                                detail={"signed_seq": signed_seq, "signed_hash": signed_hash,
-                                       "alg": "ecdsa-p256-sha256", "sig": sig.hex()})
+                                       "alg": alg, "sig": sig.hex()})
             head_store.write(record["seq"], record["hash"])
             return record

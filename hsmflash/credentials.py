@@ -39,9 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec
 from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
 
 from hsmflash.chips import get_chip
@@ -76,7 +74,6 @@ _CSV_HEADER = ["key", "type", "encoding", "value"]
 
 LIST_VERSION = 1
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
-_P256_HALF = 32
 
 
 @dataclass(frozen=True)
@@ -507,15 +504,10 @@ class RevocationList:
         sig = self.doc["signature"]
         raw = bytes.fromhex(sig["value"])
         body = {k: v for k, v in self.doc.items() if k != "signature"}
-        try:
-            public_key.verify(
-                utils.encode_dss_signature(int.from_bytes(raw[:_P256_HALF], "big"),
-                                           int.from_bytes(raw[_P256_HALF:], "big")),
-                hashlib.sha256(canonical_json(body)).digest(),
-                ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-        except InvalidSignature:
+        digest = hashlib.sha256(canonical_json(body)).digest()
+        if not primitives.verify_digest_signature(public_key, raw, digest):
             raise VerificationFailed(f"revocation list {self.source}: signature does not "
-                                     "verify (edited or not from this key)") from None
+                                     "verify (edited or not from this key)")
         if min_sequence is not None and self.sequence < min_sequence:
             raise VerificationFailed(f"revocation list {self.source} has sequence "
                                      f"{self.sequence}, older than {min_sequence} (rolled back)")

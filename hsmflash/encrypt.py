@@ -10,7 +10,6 @@ used and wiped, and the export is audited with its KCV (invariant 3).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ PURPOSE_FOR_SCHEME = {
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
 PATH_ESP32_EXPORT = "esp32-transient-export"
+PATH_ESP32_STORED_EXPORT = "esp32-stored-key-transient-export"
 
 
 @dataclass
@@ -131,15 +131,13 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         check_master(master)
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
+    xor_in_token = scheme == ESP32_AES256 and st.profile().has("xor_derivation")
+    stored_export = False
     if key is not None and scheme == ESP32_AES256:
-        raise TokenError(
-            "ESP32-classic flash encryption with a stored key needs the token to derive "
-            "per-block keys (CKM_XOR_BASE_AND_DATA) or to export the key; stored keys never "
-            "leave the token: use --master NAME --device MAC"
-        )
-    xor_in_token = scheme == ESP32_AES256 and st.supports("XOR_BASE_AND_DATA")
+        stored_export = _check_stored_esp32_key(st, key, xor_in_token)
     path = PATH_XTS if scheme != ESP32_AES256 else (
-        PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
+        PATH_ESP32_STORED_EXPORT if stored_export
+        else PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
     mac = kdf.format_mac(device) if device is not None else None
     policy = st.policy
 
@@ -157,7 +155,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     if mac:
         subject["device"] = mac
     op = "decrypt" if decrypt else "encrypt"
-    exports = ["esp32_classic_transient"] if path == PATH_ESP32_EXPORT else []
+    exports = {PATH_ESP32_EXPORT: ["esp32_classic_transient"],
+               PATH_ESP32_STORED_EXPORT: ["esp32_classic_stored_transient"]}.get(path, [])
     with st.use(op, used, subject=subject, check=check, exports=exports,
                 detail={"chip": chip.name, "scheme": scheme, "address": f"{address:#x}",
                         "path": path}) as outcome:
@@ -165,7 +164,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         try:
             if master is not None and device is not None:
                 derived = outcome.derive(device, PURPOSE_FOR_SCHEME[scheme],
-                                         exportable=(path == PATH_ESP32_EXPORT))
+                                         exportable=(path == PATH_ESP32_EXPORT),
+                                         derive_further=(path == PATH_ESP32_XOR))
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
@@ -173,8 +173,19 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 k1, k2 = derived.ciphers() if derived else (outcome.cipher(0), outcome.cipher(1))
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
+            elif derived is None and path == PATH_ESP32_STORED_EXPORT:
+                secret = outcome.export_stored("esp32_classic_stored_transient")
+                kcv = outcome["exported"][-1]["kcv"]
+                try:
+                    fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
+                    out = fn32(data, address, secret, crypt_config)
+                finally:
+                    wipe(secret)
             elif derived is None:
-                raise InternalError("ESP32-classic path without a derived key")
+                if path != PATH_ESP32_XOR:
+                    raise InternalError("ESP32-classic stored key without the XOR path")
+                out = esp32_xor_in_token(st.config, st.session, outcome.raw_object(), data, address,
+                                         crypt_config, decrypt)
             elif path == PATH_ESP32_EXPORT:
                 secret = outcome.export(derived, "esp32_classic_transient")
                 try:
@@ -183,7 +194,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 finally:
                     wipe(secret)
             else:
-                out = _esp32_xor_in_token(st, derived, data, address, crypt_config, decrypt)
+                out = esp32_xor_in_token(st.config, st.session, derived.objects[0], data,
+                                         address, crypt_config, decrypt)
         finally:
             if derived is not None:
                 derived.destroy()
@@ -192,51 +204,79 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
 
 
-def _esp32_xor_in_token(st: Station, derived: DerivedKey, data: bytes, address: int,
-                        crypt_config: int, decrypt: bool) -> bytes:
-    """ESP32 classic with per-block keys derived in the token (CKM_XOR_BASE_AND_DATA).
+def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> bool:
+    """A stored ESP32-classic flash key (a FiPy fleet's espsecure key, imported) is used
+    through the token's XOR derivation, never leaving the token. On a token without it, only a
+    key imported `--wrappable` (policy export.esp32_classic_stored_transient, checked in the
+    `use`) is wrapped out to memory per use; returns True for that path.
 
-    The flash runs AES "backwards" on byte-reversed blocks; espsecure's layout is reproduced
-    by `flashcrypt.esp32_crypt_with_block_ciphers`.
+    Raises:
+        InputError: not an aes-256 key.
+        TokenError: the token lacks XOR derivation (and the key is not wrappable), or the key
+            lacks CKA_DERIVE.
     """
-    from pkcs11 import Attribute, KeyType, Mechanism
+    if key.type != "aes-256":
+        raise InputError(f"key {key.name!r} is {key.type}; ESP32-classic flash encryption "
+                         "needs the 32-byte key as an aes-256 key")
+    if not xor_in_token and key.extractable:
+        return True
+    if not xor_in_token:
+        from hsmflash.token.profile import capability_refusal
 
-    base = derived.objects[0]
-    cache: dict[bytes, Any] = {}
-
-    def block_cipher(block_address: int) -> Any:
-        tweak = flashcrypt.esp32_block_tweak(block_address, crypt_config)
-        if tweak not in cache:
-            obj = base.derive_key(
-                KeyType.AES, 256, mechanism=Mechanism.XOR_BASE_AND_DATA, mechanism_param=tweak,
-                template={Attribute.TOKEN: False, Attribute.SENSITIVE: True,
-                          Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True,
-                          Attribute.DECRYPT: True},
-            )
-            cache[tweak] = obj
-        return cache[tweak]
-
-    try:
-        return esp32_with_block_keys(data, address, block_cipher, decrypt)
-    finally:
-        for obj in cache.values():
-            obj.destroy()
+        raise capability_refusal(
+            st.config.label, "xor_derivation",
+            f"ESP32-classic flash encryption with the stored key {key.name!r}",
+            instead="use a token with CKM_XOR_BASE_AND_DATA (NSS), or derive per-device keys "
+            "from a master (--master NAME --device MAC) under a policy that allows "
+            "export.esp32_classic_transient, or re-import the key with --wrappable under a "
+            "policy that allows export.esp32_classic_stored_transient")
+    if "derive" not in key.usage:
+        raise TokenError(f"key {key.name!r} does not allow derivation (CKA_DERIVE is false); "
+                         "the ESP32-classic XOR path needs it: import it with --usage derive")
+    return False
 
 
-def esp32_with_block_keys(data: bytes, address: int, block_key: Callable[[int], Any],
-                          decrypt: bool) -> bytes:
-    """ESP32-classic flash crypto given a token key object per 32-byte block address."""
-    from pkcs11 import Mechanism
+# ESP32-classic blocks handled per batch: bounds memory (one token key alive at a time, one
+# batch of offsets) whatever the image size.
+_XOR_BATCH_BLOCKS = 4096
 
-    out = bytearray()
-    for off in range(0, len(data), 16):
-        blk_addr = (address + off) & ~31
-        obj = block_key(blk_addr)
-        block = data[off:off + 16][::-1]
-        # encrypting flash data is AES-decrypt in the ESP32's reversed-byte convention
-        res = (obj.encrypt(block, mechanism=Mechanism.AES_ECB) if decrypt
-               else obj.decrypt(block, mechanism=Mechanism.AES_ECB))
-        out += bytes(res)[::-1]
+
+def esp32_xor_in_token(config: Any, session: Any, base: Any, data: bytes, address: int,
+                       crypt_config: int, decrypt: bool) -> bytes:
+    """ESP32 classic with each 32-byte block's key derived in the token as `base XOR tweak`
+    (CKM_XOR_BASE_AND_DATA); `base` is the 32-byte flash key, never read out.
+
+    Blocks sharing a tweak (FLASH_CRYPT_CONFIG below 0xF repeats tweaks) go through one
+    C_Encrypt/C_Decrypt call; each per-block key is destroyed as soon as it has been used, so
+    memory stays flat in the image size. The calls go straight through the module's C API
+    (`rawderive.RawXorCipher`). The flash runs AES "backwards" on byte-reversed 16-byte blocks,
+    as espsecure does.
+
+    Raises:
+        InputError: bad address/length/crypt_config.
+        TokenError: the token refuses a derivation or an AES operation.
+    """
+    from hsmflash.token.rawderive import RawXorCipher
+
+    check_data(data, address, "input")
+    flashcrypt.esp32_block_tweak(address, crypt_config)  # validates crypt_config
+    cipher = RawXorCipher(config.module_path, session, base, config.lib())
+    out = bytearray(len(data))
+    view = memoryview(data)
+    step = _XOR_BATCH_BLOCKS * 16
+    for start in range(0, len(data), step):
+        groups: dict[bytes, list[int]] = {}
+        tweak = b""
+        for off in range(start, min(start + step, len(data)), 16):
+            if off == start or (address + off) % 32 == 0:  # both halves share a tweak
+                tweak = flashcrypt.esp32_block_tweak((address + off) & ~31, crypt_config)
+            groups.setdefault(tweak, []).append(off)
+        for tweak, offsets in groups.items():
+            blob = b"".join(bytes(view[o:o + 16])[::-1] for o in offsets)
+            # encrypting flash data is AES-decrypt in the ESP32's reversed convention
+            res = cipher.crypt(tweak, blob, encrypt=decrypt)
+            for i, o in enumerate(offsets):
+                out[o:o + 16] = res[16 * i:16 * i + 16][::-1]
     return bytes(out)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pkcs11.exceptions as p11x
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsmflash.audit import Anchor, AuditLog
 from hsmflash.errors import CHECKPOINT_FAILED, Error, InputError, InternalError, TokenError
@@ -166,12 +166,15 @@ class TokenHeadStore:
 
 
 class TokenLogBinding:
-    """Which log the token keeps for one audit log path: a CKO_DATA object named after the
-    path (its real path's SHA-256) holding the log's id. Bound at the path's first checkpoint,
-    so a log replaced by another one (or deleted) is refused before any key use."""
+    """Which log the token keeps for one audit log path, named after the path (its real path's
+    SHA-256) and holding the log's id: a CKO_DATA object, or on tokens that refuse data objects
+    (`form="key-id"`, NSS) the CKA_ID of a small AES key object with no usage. Bound at the
+    path's first checkpoint, so a log replaced by another one (or deleted) is refused before
+    any key use. Either form is read."""
 
-    def __init__(self, session: Any, audit_path: str | Path) -> None:
+    def __init__(self, session: Any, audit_path: str | Path, form: str = "data-object") -> None:
         self._session = session
+        self._form = form
         real = os.path.realpath(os.fsencode(audit_path))
         self._label = f"{AUDIT_PATH_LABEL}:{hashlib.sha256(real).hexdigest()[:32]}"
 
@@ -181,6 +184,10 @@ class TokenLogBinding:
                 Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
             }):
                 return str(json.loads(bytes(obj[Attribute.VALUE]).decode())["log"])
+            for obj in self._session.get_objects({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self._label,
+            }):
+                return bytes(obj[Attribute.ID]).hex()
         except (p11x.PKCS11Error, ValueError, KeyError) as e:
             raise TokenError(f"reading the audit log binding from the token: "
                              f"{type(e).__name__}") from e
@@ -188,6 +195,19 @@ class TokenLogBinding:
 
     def write(self, log_id: str) -> None:
         try:
+            if self._form == "key-id":
+                from hsmflash.token.profile import session_secret_template
+
+                template = {**session_secret_template(), Attribute.TOKEN: True,
+                            Attribute.PRIVATE: True}
+                for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN,
+                             Attribute.VERIFY, Attribute.WRAP, Attribute.UNWRAP,
+                             Attribute.DERIVE):
+                    template[flag] = False
+                self._session.generate_key(
+                    KeyType.AES, 128, label=self._label, id=bytes.fromhex(log_id), store=True,
+                    capabilities=MechanismFlag(0), template=template)
+                return
             self._session.create_object({
                 Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
                 Attribute.APPLICATION: "hsmflash", Attribute.TOKEN: True,
@@ -198,6 +218,81 @@ class TokenLogBinding:
 
 
 AUDIT_PATH_LABEL = "hsmflash-audit-path"
+
+
+class KeyIdHeadStore:
+    """The audit head on tokens that refuse data objects (NSS): in the CKA_ID of a small AES
+    secret key object with no usage at all, labelled per log. CKA_ID = uint64_be(seq) ||
+    SHA-256 bytes. Like `TokenHeadStore`, each head is a new object and the older ones are
+    destroyed afterwards; the highest seq wins. A rolled-back or cut log no longer holds the
+    record at that seq with that hash, which is what the checkpoint and `audit verify` check.
+    """
+
+    def __init__(self, session: Any, log_id: str) -> None:
+        self._session = session
+        self._label = f"{AUDIT_HEAD_LABEL}:{log_id}"
+
+    def _objects(self) -> list[tuple[int, str, Any]]:
+        found = []
+        for obj in self._session.get_objects({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self._label,
+        }):
+            ident = bytes(obj[Attribute.ID])
+            if len(ident) != 40:
+                raise ValueError("audit head key object has a malformed CKA_ID")
+            found.append((int.from_bytes(ident[:8], "big"), ident[8:].hex(), obj))
+        return sorted(found, key=lambda t: t[0])
+
+    def read(self) -> tuple[int, str] | None:
+        try:
+            objs = self._objects()
+        except (p11x.PKCS11Error, ValueError) as e:
+            raise TokenError(f"reading the audit head from the token: {type(e).__name__}") from e
+        return (objs[-1][0], objs[-1][1]) if objs else None
+
+    def write(self, seq: int, hash: str) -> None:
+        from hsmflash.token.profile import session_secret_template
+
+        try:
+            old = self._objects()
+            template = {**session_secret_template(), Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True}
+            for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN, Attribute.VERIFY,
+                         Attribute.WRAP, Attribute.UNWRAP, Attribute.DERIVE):
+                template[flag] = False
+            self._session.generate_key(
+                KeyType.AES, 128, label=self._label,
+                id=seq.to_bytes(8, "big") + bytes.fromhex(hash), store=True,
+                capabilities=MechanismFlag(0), template=template)
+            for _, _, obj in old:
+                obj.destroy()
+        except (p11x.PKCS11Error, ValueError) as e:
+            if isinstance(e, p11x.PKCS11Error):
+                raise wrap_pkcs11(e, "storing the audit head in the token (key object)") from e
+            raise TokenError(f"storing the audit head: {type(e).__name__}") from e
+
+
+HEAD_STORES: dict[str, type[TokenHeadStore] | type[KeyIdHeadStore]] = {
+    "data-object": TokenHeadStore, "key-id": KeyIdHeadStore,
+}
+
+
+def find_head_store(session: Any, log_id: str,
+                    preferred: str = "data-object") -> TokenHeadStore | KeyIdHeadStore:
+    """The head store that holds this log's head (either form), else the `preferred` form.
+
+    Raises:
+        TokenError: the token cannot be read.
+    """
+    stores = [HEAD_STORES[preferred](session, log_id)]
+    stores += [cls(session, log_id) for name, cls in HEAD_STORES.items() if name != preferred]
+    for store in stores:
+        try:
+            if store.read() is not None:
+                return store
+        except TokenError:
+            continue  # a token without that object class reads as empty elsewhere
+    return stores[0]
 
 
 def log_id(audit_path: str | Path) -> str | None:
@@ -277,11 +372,14 @@ class KeyUse(MutableMapping[str, Any]):
         """The key's PKCS#11 object, for the C-API batch derivation path (`token.rawderive`)."""
         return self._live_key("raw derivation").primary
 
-    def derive(self, device: bytes, purpose: str, *, exportable: bool = False) -> DerivedKey:
+    def derive(self, device: bytes, purpose: str, *, exportable: bool = False,
+               derive_further: bool = False) -> DerivedKey:
         """Derive K_D for a device and purpose inside the token (session objects); the use's
         key is the master.
 
         `exportable` makes the session objects extractable, for `export` only (invariant 3).
+        `derive_further` gives the objects CKA_DERIVE, for the ESP32-classic per-block keys
+        (CKM_XOR_BASE_AND_DATA).
 
         Raises:
             InputError: bad device id or purpose, or a master of the wrong type.
@@ -296,7 +394,7 @@ class KeyUse(MutableMapping[str, Any]):
             Attribute.EXTRACTABLE: exportable,
             Attribute.ENCRYPT: True,
             Attribute.DECRYPT: True,
-            Attribute.DERIVE: False,
+            Attribute.DERIVE: derive_further,
             Attribute.WRAP: False,
             Attribute.UNWRAP: False,
             Attribute.SIGN: False,
@@ -315,9 +413,10 @@ class KeyUse(MutableMapping[str, Any]):
         except p11x.MechanismInvalid as e:
             for o in objects:
                 o.destroy()
-            raise TokenError(f"token {self._station.config.label!r} lacks "
-                             "CKM_AES_ECB_ENCRYPT_DATA, needed for aes-ecb-v1 per-device key "
-                             "derivation") from e
+            from hsmflash.token.profile import capability_refusal
+
+            raise capability_refusal(self._station.config.label, "in_token_derivation",
+                                     "aes-ecb-v1 per-device key derivation") from e
         except p11x.PKCS11Error as e:
             for o in objects:
                 o.destroy()
@@ -350,6 +449,77 @@ class KeyUse(MutableMapping[str, Any]):
         return out
 
 
+    def export_stored(self, reason: str) -> bytearray:
+        """Wrap a stored, wrappable (CKA_EXTRACTABLE) secret key out to memory under a
+        throwaway session key known to this process, and unwrap it here. The caller must wipe
+        it. `reason` must be declared to `use(...)`; the export is recorded in the outcome with
+        the key's KCV.
+
+        Raises:
+            TokenError: the key is not wrappable, or the token refuses every wrap mechanism.
+        """
+        key = self._live_key("export")
+        if reason not in self._exports:
+            raise InternalError(f"export for {reason!r} was not declared to use()")
+        if not key.extractable:
+            raise TokenError(f"key {key.name!r} is not wrappable (CKA_EXTRACTABLE is false); "
+                             "only a key imported with --wrappable can leave the token")
+        no_core_dumps()
+        record = {"purpose": "stored", "key": key.name, "kcv": key.kcv(), "why": reason}
+        self._outcome.setdefault("exported", []).append(record)  # before the bytes leave
+        secret = self._wrap_out(key, reason)
+        if record["kcv"] == "n/a":  # a derive-only key: its KCV from the bytes just wrapped out
+            from hsmflash.formats.flashcrypt import SoftwareAes
+
+            record["kcv"] = SoftwareAes(secret).encrypt_ecb(bytes(16))[:3].hex()
+        return secret
+
+    def _wrap_out(self, key: TokenKey, reason: str) -> bytearray:
+        import secrets
+
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+        from hsmflash.token.profile import session_secret_template
+
+        kek = bytearray(secrets.token_bytes(32))
+        wrapping = None
+        try:
+            wrapping = self._station.session.create_object({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: bytes(kek),
+                **session_secret_template(Attribute.WRAP),
+            })
+            last: Exception | None = None
+            for mech in (Mechanism.AES_KEY_WRAP, Mechanism.AES_ECB):
+                try:
+                    wrapped = bytes(wrapping.wrap_key(key.primary, mechanism=mech))
+                except p11x.PKCS11Error as e:
+                    last = e
+                    continue
+                if mech == Mechanism.AES_KEY_WRAP:
+                    try:
+                        return bytearray(aes_key_unwrap(bytes(kek), wrapped))
+                    except InvalidUnwrap as e:
+                        raise TokenError(f"unwrapping key {key.name!r}: integrity check "
+                                         "failed") from e
+                dec = Cipher(algorithms.AES(bytes(kek)), modes.ECB()).decryptor()  # noqa: S305
+                return bytearray(dec.update(wrapped) + dec.finalize())
+            raise TokenError(
+                f"token {self._station.config.label!r} cannot wrap key {key.name!r} out for "
+                f"{reason} "
+                f"(CKM_AES_KEY_WRAP and CKM_AES_ECB refused: {type(last).__name__}); use a "
+                "token with CKM_XOR_BASE_AND_DATA (capability xor_derivation) for this key")
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"wrapping key {key.name!r} out for {reason}") from e
+        finally:
+            wipe(kek)
+            if wrapping is not None:
+                try:
+                    wrapping.destroy()
+                except p11x.PKCS11Error:
+                    pass
+
 def check_master(master: TokenKey) -> None:
     """The one check that a key can be an `aes-ecb-v1` derivation master.
 
@@ -377,6 +547,7 @@ class Station:
         self.used_keys = False
         self._anchored = False
         self._keys: dict[str, TokenKey] = {}
+        self._profile: Any = None
 
     @classmethod
     @contextmanager
@@ -474,26 +645,38 @@ class Station:
             return
         session = self.session
         self.audit.anchor(Anchor(self.audit_signer(),
-                                 lambda ident: TokenHeadStore(session, ident),
-                                 TokenLogBinding(session, self.audit.path)))
+                                 lambda ident: find_head_store(session, ident,
+                                                               self.profile().audit_head_store),
+                                 TokenLogBinding(session, self.audit.path,
+                                                 self.profile().audit_head_store)))
         self._anchored = True
 
     def supports(self, mechanism: str) -> bool:
         return supports(self.config, mechanism)
 
     # -- audit checkpoint -------------------------------------------------------------------
+    def profile(self) -> Any:
+        """The token's probed capability profile (cached per token)."""
+        if self._profile is None:
+            from hsmflash.token.profile import load_profile
+
+            self._profile = load_profile(self.config, self.session)
+        return self._profile
+
     def audit_signer(self) -> TokenSigner:
-        """The token's audit key; generated in the token on first need (ec-p256, sign only)."""
+        """The token's audit key; generated in the token on first need, sign only: ECDSA P-256
+        where the token makes it, else RSA-3072 (PSS)."""
         name = self.policy.audit_key
         if not key_exists(self.session, name):
-            return TokenSigner(generate_key(self.session, name, "ec-p256", ("sign",)))
+            key_type = self.profile().audit_key_type
+            return TokenSigner(generate_key(self.session, name, key_type, ("sign",)))
         return TokenSigner(self.key(name))
 
-    def head_store(self) -> TokenHeadStore:
+    def head_store(self) -> TokenHeadStore | KeyIdHeadStore:
         ident = log_id(self.audit.path)
         if ident is None:
             raise InputError(f"audit log {self.audit.path} is empty")
-        return TokenHeadStore(self.session, ident)
+        return find_head_store(self.session, ident, self.profile().audit_head_store)
 
     def checkpoint(self) -> None:
         """Append a checkpoint signed by the audit key and store the head in the token; the
@@ -505,7 +688,8 @@ class Station:
         head_store = self.head_store()
         self.audit.checkpoint(self.audit_signer(), head_store,
                               key=self.uri(self.policy.audit_key))
-        binding = TokenLogBinding(self.session, self.audit.path)
+        binding = TokenLogBinding(self.session, self.audit.path,
+                                  self.profile().audit_head_store)
         ident = log_id(self.audit.path)
         if ident is not None and binding.read() is None:
             binding.write(ident)

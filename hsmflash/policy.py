@@ -86,6 +86,7 @@ class ChipProfile:
 class ExportRules:
     efuse_burn: bool = False
     esp32_classic_transient: bool = False
+    esp32_classic_stored_transient: bool = False  # a migrated ESP32 key, wrapped out per use
     decrypt: bool = False
     device_secrets: bool = False
 
@@ -187,6 +188,11 @@ class Policy:
                 "efuse_burn": "burning it into the chip's eFuses",
                 "esp32_classic_transient": (
                     "ESP32-classic flash encryption on a token without CKM_XOR_BASE_AND_DATA"
+                ),
+                "esp32_classic_stored_transient": (
+                    "ESP32-classic flash encryption with a stored (migrated) key on a token "
+                    "without CKM_XOR_BASE_AND_DATA (the key is imported wrappable and wrapped "
+                    "out to memory per use)"
                 ),
                 "device_secrets": (
                     "writing a device's credential and NVS keys into its NVS partitions"
@@ -327,8 +333,10 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
     aud.done()
     if keys and audit_key in keys:
         spec = keys[audit_key]
-        if spec.type != "ec-p256" or "sign" not in spec.usage:
-            raise InputError(f"{source}: keys.{audit_key}: the audit key must be ec-p256 with sign")
+        # ECDSA P-256 where the token makes it, else RSA-3072-PSS (`token info` says which)
+        if spec.type not in ("ec-p256", "rsa-3072") or "sign" not in spec.usage:
+            raise InputError(f"{source}: keys.{audit_key}: the audit key must be ec-p256 or "
+                             "rsa-3072 with sign")
 
     chips: dict[str, ChipProfile] = {}
     for chip_name, table in top.get("chips", dict, {}).items():
@@ -338,6 +346,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
     export = ExportRules(
         efuse_burn=ex.get("efuse_burn", bool, False),
         esp32_classic_transient=ex.get("esp32_classic_transient", bool, False),
+        esp32_classic_stored_transient=ex.get("esp32_classic_stored_transient", bool, False),
         decrypt=ex.get("decrypt", bool, False),
         device_secrets=ex.get("device_secrets", bool, False),
     )

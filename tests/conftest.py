@@ -25,6 +25,8 @@ SO_PIN = "test-so-" + uuid.uuid4().hex[:8]
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hsmflash-softhsm-"))
 os.environ["SOFTHSM2_CONF"] = str(_SESSION_DIR / "softhsm2.conf")
+# token capability profiles are cached per token; tests keep theirs out of the user's cache
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_DIR / "cache")
 for _var in [v for v in os.environ if v.startswith("HSMFLASH_")]:
     del os.environ[_var]
 
@@ -48,6 +50,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in [v for v in os.environ if v.startswith("HSMFLASH_")]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("SOFTHSM2_CONF", str(_SESSION_DIR / "softhsm2.conf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_SESSION_DIR / "cache"))
 
 
 @pytest.fixture

@@ -334,15 +334,54 @@ def usage_error(message: str) -> NoReturn:
 # token
 # ---------------------------------------------------------------------------------------
 @token_app.command("info")
-def token_info(ctx: typer.Context) -> None:
-    """Show the module, the token, the mechanisms that matter and which paths this token gives.
-
-    Needs no PIN.
+def token_info(
+    ctx: typer.Context,
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="Probe the token again instead of using the cached profile.")] = False,
+) -> None:
+    """Show the module, the token and what it can do for hsmflash, found by trying each path
+    (probed once per token and cached; needs the PIN the first time).
     """
-    from hsmflash.token.session import MECHANISMS_THAT_MATTER, token_summary
+    from hsmflash.token.profile import CAPABILITIES, cached_profile, load_profile
+    from hsmflash.token.session import MECHANISMS_THAT_MATTER, open_session, token_summary
 
     c = ctx_of(ctx)
-    info = token_summary(c.token_config())
+    cfg = c.token_config()
+    info = token_summary(cfg)
+    profile = None if refresh else cached_profile(cfg)
+    audit_key: dict[str, Any] | None = None
+    if profile is None or refresh:
+        try:
+            c.pin_handler("")
+        except (TokenError, InputError):
+            if refresh:
+                raise
+        else:
+            with open_session(cfg, rw=True) as session:
+                profile = load_profile(cfg, session, refresh=refresh)
+                audit_key = _audit_key_in_use(session, c.policy.audit_key)
+    if profile is not None:
+        paths = info["paths"]
+        paths["in_token_derivation"] = profile.has("in_token_derivation")
+        paths["in_token_xts"] = profile.has("in_token_xts")
+        paths["esp32_classic"] = (
+            "in-token (CKM_XOR_BASE_AND_DATA)" if profile.has("xor_derivation")
+            else "transient export of the per-device key "
+            "(needs policy export.esp32_classic_transient)"
+            if profile.has("in_token_derivation")
+            else "unavailable (no XOR derivation and no per-device derivation in this token)")
+        info["capabilities"] = {
+            name: {"ok": profile.has(name), "note": profile.notes.get(name, ""),
+                   "enables": CAPABILITIES[name][0],
+                   **({} if profile.has(name) else {"instead": CAPABILITIES[name][1]})}
+            for name in CAPABILITIES}
+        info["audit"] = {"key_type": (audit_key or {}).get("type", profile.audit_key_type),
+                         "key_exists": audit_key is not None,
+                         "head_store": profile.audit_head_store}
+        info["profile"] = {"probed_at": profile.probed_at, "cached": profile.cached}
+    else:
+        info["capabilities"] = None
+        info["profile"] = {"probed_at": None, "note": "not probed: needs the PIN once"}
 
     def human() -> None:
         t = info["token"]
@@ -350,9 +389,27 @@ def token_info(ctx: typer.Context) -> None:
         typer.echo(f"library:  {info['library']}")
         typer.echo(f"token:    {t['label']} ({t['manufacturer']} {t['model']}, "
                    f"serial {t['serial']})")
-        typer.echo("mechanisms:")
+        typer.echo("mechanisms listed by the token (lists can be wrong; see capabilities):")
         for name, ok in info["mechanisms"].items():
             typer.echo(f"  {'yes' if ok else 'NO ':3} CKM_{name:22} {MECHANISMS_THAT_MATTER[name]}")
+        caps = info["capabilities"]
+        if caps is None:
+            typer.echo("capabilities: not probed yet (give the PIN: HSMFLASH_PIN or --pin-file)")
+        else:
+            when = info["profile"]["probed_at"]
+            typer.echo(f"capabilities (tried on the token, {when}"
+                       f"{', cached' if info['profile']['cached'] else ''}):")
+            typer.echo(f"  {'capability':20} {'works':5}  what it enables / instead")
+            for name, cap in caps.items():
+                text = cap["enables"] if cap["ok"] else f"instead: {cap['instead']}"
+                note = f" [{cap['note']}]" if cap["note"] else ""
+                typer.echo(f"  {name:20} {'yes' if cap['ok'] else 'NO':5}  {text}{note}")
+            a = info["audit"]
+            where = ("a CKO_DATA object" if a["head_store"] == "data-object"
+                     else "the CKA_ID of a key object")
+            typer.echo(f"audit anchor: key {a['key_type']}"
+                       f"{'' if a['key_exists'] else ' (made at the first checkpoint)'}, "
+                       f"head in {where}")
         p = info["paths"]
         typer.echo("paths:")
         yes = {True: "yes", False: "NO"}
@@ -361,6 +418,14 @@ def token_info(ctx: typer.Context) -> None:
         typer.echo(f"  ESP32-classic flash encryption:     {p['esp32_classic']}")
 
     c.emit(info, human)
+
+
+def _audit_key_in_use(session: Any, name: str) -> dict[str, Any] | None:
+    from hsmflash.token.keys import find_key, key_exists
+
+    if not key_exists(session, name):
+        return None
+    return {"type": find_key(session, name).type}
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,6 +475,10 @@ def keys_import(
     file: Annotated[str, typer.Option("--file", help="espsecure key file: raw AES bytes "
                                        "(32/64) or a PEM private key.")],
     usage: UsageOpt = None,
+    wrappable: Annotated[bool, typer.Option(
+        "--wrappable", help="aes-256 ESP32-classic flash key for a token without XOR "
+        "derivation: may be wrapped out to memory per use (policy "
+        "export.esp32_classic_stored_transient).")] = False,
 ) -> None:
     """Migrate an espsecure key file into the token (it becomes non-extractable).
 
@@ -425,9 +494,16 @@ def keys_import(
     flags = check_type_usage(key_type, usage)
     material = bytearray(read_input(file, "key file"))
     try:
+        def check() -> None:
+            if wrappable:
+                c.policy.check_export("esp32_classic_stored_transient")
+
         with c.station() as st, st.use("keys.import", subject={"name": name}, key_name=name,
-                                       detail={"type": key_type, "usage": list(flags)}) as out:
-            key = import_key(st.session, name, key_type, material, flags, source=str(file))
+                                       detail={"type": key_type, "usage": list(flags),
+                                               **({"wrappable": True} if wrappable else {})},
+                                       check=check) as out:
+            key = import_key(st.session, name, key_type, material, flags, source=str(file),
+                             wrappable=wrappable)
             info = key.describe()
             out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
     finally:
@@ -937,7 +1013,7 @@ def audit_verify(
         except ValueError:
             raise InputError(f"public key {str(pubkey)!r} is not a PEM public key") from None
     if with_token:
-        from hsmflash.keyuse import TokenHeadStore, TokenLogBinding, log_id
+        from hsmflash.keyuse import TokenLogBinding, find_head_store, log_id
         from hsmflash.token.keys import find_key
         from hsmflash.token.session import open_session
 
@@ -950,7 +1026,7 @@ def audit_verify(
                     f"audit log {path} is not the log the token keeps at this path (log "
                     f"{bound}, this file is log {ident}): it was replaced")
             if ident is not None:
-                head = TokenHeadStore(session, ident).read()
+                head = find_head_store(session, ident).read()
                 if head is None:
                     raise VerificationFailed(
                         f"the token holds no head for audit log {path} (another token, or the "
@@ -1379,7 +1455,8 @@ def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: s
                 kcvs = kcvs_in_workers(st.config.module_path, st.config.label,
                                        c.pin_handler(""), mkey.name, purpose, macs, workers)
             else:
-                raw = RawDeriver(st.config.module_path, st.session, out.raw_object())
+                raw = RawDeriver(st.config.module_path, st.session, out.raw_object(),
+                                 st.config.label, st.config.lib())
                 kcvs = [raw.kcv(m, purpose) for m in macs]
             lines = ["mac,purpose,kcv"] + [f"{format_mac(m)},{purpose},{k}"
                                            for m, k in zip(macs, kcvs, strict=True)]

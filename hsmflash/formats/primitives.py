@@ -120,3 +120,39 @@ def load_public_key(data: bytes, name: str) -> PublicKey:
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise InputError(f"public key {name!r} is not a PEM key or a raw SBv1 public key")
     return key
+
+
+def verify_digest_signature(public_key: PublicKey, signature: bytes, digest: bytes) -> bool:
+    """Does a raw signature, as a token returns it, verify over a host-computed digest?
+
+    RSA: PKCS#1 v2.1 PSS with MGF1 and a 32-byte salt; ECDSA: r||s, each as wide as the curve.
+    The hash is SHA-256 for a 32-byte digest, SHA-384 for a 48-byte one. This is the one place
+    hsmflash checks a token's signature (Secure Boot blocks, audit checkpoints and tags,
+    revocation lists, capability probes).
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    algorithm: hashes.HashAlgorithm
+    if len(digest) == 32:
+        algorithm = hashes.SHA256()
+    elif len(digest) == 48:
+        algorithm = hashes.SHA384()
+    else:
+        return False
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, digest,
+                              padding.PSS(mgf=padding.MGF1(algorithm), salt_length=32),
+                              utils.Prehashed(algorithm))
+            return True
+        width = (public_key.curve.key_size + 7) // 8
+        if len(signature) != 2 * width:
+            return False
+        der = utils.encode_dss_signature(int.from_bytes(signature[:width], "big"),
+                                         int.from_bytes(signature[width:], "big"))
+        public_key.verify(der, digest, ec.ECDSA(utils.Prehashed(algorithm)))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -21,9 +21,7 @@ import struct
 import zlib
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hsmflash.chips import CHIPS, SBV1, SBV2, Chip
 from hsmflash.errors import InputError, InternalError, VerificationFailed
@@ -44,7 +42,13 @@ from hsmflash.formats.images import (
     inspect_image,
     read_signature_blocks,
 )
-from hsmflash.formats.primitives import BlockCipher, DigestSigner, PublicKey, SignatureAlgorithm
+from hsmflash.formats.primitives import (
+    BlockCipher,
+    DigestSigner,
+    PublicKey,
+    SignatureAlgorithm,
+    verify_digest_signature,
+)
 
 RSA_BITS = 3072
 RSA_LEN = RSA_BITS // 8
@@ -138,31 +142,9 @@ def _check_signature(
     public_key: PublicKey, algorithm: str, digest: bytes, raw_signature: bytes
 ) -> bool:
     """Whether `raw_signature` (signer layout: big-endian) signs `digest` under `public_key`."""
-    try:
-        if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(
-                raw_signature,
-                digest,
-                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LEN),
-                utils.Prehashed(hashes.SHA256()),
-            )
-        else:
-            width = _ECDSA_LEN[algorithm]
-            if len(raw_signature) != 2 * width:
-                return False
-            r = int.from_bytes(raw_signature[:width], "big")
-            s = int.from_bytes(raw_signature[width:], "big")
-            hash_algorithm: hashes.HashAlgorithm = (
-                hashes.SHA384() if algorithm == "ec-p384" else hashes.SHA256()
-            )
-            public_key.verify(
-                utils.encode_dss_signature(r, s),
-                digest,
-                ec.ECDSA(utils.Prehashed(hash_algorithm)),
-            )
-    except InvalidSignature:
+    if algorithm in _ECDSA_LEN and len(raw_signature) != 2 * _ECDSA_LEN[algorithm]:
         return False
-    return True
+    return verify_digest_signature(public_key, raw_signature, digest)
 
 
 def _sign_checked(signer: DigestSigner, algorithm: str, digest: bytes) -> bytes:

@@ -74,10 +74,8 @@ class TokenKey:
         return self.objects[0]
 
     def attr(self, attribute: Attribute, obj: Any = None) -> Any:
-        try:
-            return (obj or (self.objects[0] if self.objects else self.public))[attribute]
-        except (p11x.AttributeSensitive, p11x.AttributeTypeInvalid):
-            return None
+        """An attribute, or None where the token does not have or show it."""
+        return read_attr(obj or (self.objects[0] if self.objects else self.public), attribute)
 
     @functools.cached_property
     def usage(self) -> tuple[str, ...]:
@@ -97,16 +95,24 @@ class TokenKey:
 
     @property
     def origin(self) -> str:
-        local = all(self.attr(Attribute.LOCAL, o) for o in self.objects)
-        return "generated" if local else "imported"
+        """"generated" only where the token says CKA_LOCAL; "imported" where the key was not
+        always sensitive; else "unknown": NSS reports CKA_LOCAL=false for keys it generated,
+        so CKA_LOCAL=false alone proves nothing."""
+        if not self.objects:
+            return "unknown"
+        if all(self.attr(Attribute.LOCAL, o) is True for o in self.objects):
+            return "generated"
+        if any(self.attr(Attribute.ALWAYS_SENSITIVE, o) is False for o in self.objects):
+            return "imported"
+        return "unknown"
 
     def kcv(self) -> str:
-        """AES: the check value(s) as hex, two joined by '/' for an XTS pair."""
-        parts = []
-        for o in self.objects:
-            value = self.attr(Attribute.CHECK_VALUE, o)
-            parts.append(bytes(value).hex() if value else "?")
-        return "/".join(parts)
+        """AES: the check value(s) as hex, two joined by '/' for an XTS pair.
+
+        CKA_CHECK_VALUE where the token gives one; otherwise computed as AES-ECB_K(0^16)[:3]
+        where the key may encrypt; "n/a" where it can do neither (never a guess).
+        """
+        return "/".join(object_kcv(o) for o in self.objects) if self.objects else "n/a"
 
     def public_key(self) -> PublicKey:
         """The public half as a cryptography object (read from the token once: hsmflash's
@@ -146,6 +152,28 @@ class TokenKey:
         return info
 
 
+def read_attr(obj: Any, attribute: Attribute) -> Any:
+    """An attribute's value, or None where the token lacks it, hides it or cannot read it."""
+    try:
+        return obj[attribute]
+    except (p11x.AttributeSensitive, p11x.AttributeTypeInvalid, p11x.FunctionFailed,
+            p11x.GeneralError):
+        return None
+
+
+def object_kcv(obj: Any) -> str:
+    """The KCV of one AES object: CKA_CHECK_VALUE, else computed with CKA_ENCRYPT, else n/a."""
+    value = read_attr(obj, Attribute.CHECK_VALUE)
+    if value:
+        return bytes(value)[:3].hex()
+    if read_attr(obj, Attribute.ENCRYPT):
+        try:
+            return bytes(obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB))[:3].hex()
+        except p11x.PKCS11Error:
+            pass
+    return "n/a"
+
+
 def public_from_object(obj: Any, key_type: str) -> PublicKey:
     """Build a cryptography public key from a PKCS#11 public key object."""
     if key_type == "rsa-3072":
@@ -164,7 +192,10 @@ def public_from_object(obj: Any, key_type: str) -> PublicKey:
 def _type_of(obj: Any, label: str) -> str:
     kt = obj[Attribute.KEY_TYPE]
     if kt == KeyType.AES:
-        bits = int(obj[Attribute.VALUE_LEN]) * 8
+        length = read_attr(obj, Attribute.VALUE_LEN)  # openCryptoki: absent on imported keys
+        if length is None:
+            return "aes-unknown"
+        bits = int(length) * 8
         if label.endswith(XTS_PARTS):
             return f"xts-aes-{bits}"
         return f"aes-{bits}"
@@ -294,6 +325,63 @@ def _refuse_existing(session: Any, name: str) -> None:
         raise InputError(f"a key named {name!r} already exists in the token")
 
 
+def object_id(label: str) -> bytes:
+    """A CKA_ID unique to each object label (the XTS halves get different ones: NSS merges
+    objects that share a CKA_ID). A key pair's two halves share their label, hence their ID."""
+    return hashlib.sha256(label.encode()).digest()[:16]
+
+
+# Usage flags a signing private key must not have (invariant 1); checked after generation on
+# tokens that get only the minimal template.
+_PRIVATE_FORBIDDEN = (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE)
+_TEMPLATE_REFUSALS = (p11x.AttributeValueInvalid, p11x.TemplateInconsistent,
+                      p11x.AttributeTypeInvalid)
+
+
+def _generate_keypair(session: Any, name: str, key_type: str) -> None:
+    """The strict template first (every usage flag explicit); tokens that check templates
+    against their own view (tpm2-pkcs11 rejects explicit false flags) get the minimal one,
+    and the key is then read back: one with a forbidden usage is destroyed and refused."""
+    from pkcs11.constants import DEFAULT
+
+    if key_type == "rsa-3072":
+        kind, bits, mech = KeyType.RSA, 3072, None
+        extra = {Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01"}
+    else:
+        kind, bits, mech = KeyType.EC, None, Mechanism.EC_KEY_PAIR_GEN
+        extra = {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVES[key_type][0])}
+    strict = ({**_public_template(), **extra}, _private_template())
+    minimal = (
+        {Attribute.TOKEN: True, Attribute.VERIFY: DEFAULT, Attribute.ENCRYPT: DEFAULT,
+         Attribute.WRAP: DEFAULT, **extra},
+        {Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+         Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.DECRYPT: DEFAULT,
+         Attribute.UNWRAP: DEFAULT, Attribute.DERIVE: DEFAULT},
+    )
+    candidates = (strict, (minimal[0], strict[1]), minimal)
+    for i, (pub_tpl, priv_tpl) in enumerate(candidates):
+        try:
+            _pub, priv = session.generate_keypair(
+                kind, bits, label=name, id=object_id(name), store=True,
+                capabilities=MechanismFlag(0), mechanism=mech,
+                public_template=pub_tpl, private_template=priv_tpl)
+        except (*_TEMPLATE_REFUSALS, p11x.GeneralError):  # tpm2: "attr mismatch"
+            if i == len(candidates) - 1:
+                raise
+            continue
+        bad = [a.name for a in _PRIVATE_FORBIDDEN if read_attr(priv, a)]
+        leaky = read_attr(priv, Attribute.EXTRACTABLE) or (
+            read_attr(priv, Attribute.SENSITIVE) is False)
+        if bad or leaky:
+            for obj in (_pub, priv):
+                obj.destroy()
+            raise TokenError(
+                f"generating {key_type} key {name!r}: the token gives the private key usages "
+                f"it must not have ({', '.join(bad) or 'extractable or not sensitive'}); "
+                "refused (invariant 1)")
+        return
+
+
 def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] = ()) -> TokenKey:
     """Generate a key inside the token (sensitive, non-extractable, only `usage`).
 
@@ -303,35 +391,32 @@ def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] 
     """
     usage = check_type_usage(key_type, usage)
     _refuse_existing(session, name)
-    key_id = hashlib.sha256(name.encode()).digest()[:16]
     try:
         if key_type in ("aes-128", "aes-256"):
             session.generate_key(
-                KeyType.AES, _AES_BITS[key_type], label=name, id=key_id, store=True,
+                KeyType.AES, _AES_BITS[key_type], label=name, id=object_id(name), store=True,
                 capabilities=MechanismFlag(0), template=_secret_template(usage),
             )
         elif key_type.startswith("xts-"):
             for part in XTS_PARTS:
                 session.generate_key(
-                    KeyType.AES, _AES_BITS[key_type], label=name + part, id=key_id, store=True,
+                    KeyType.AES, _AES_BITS[key_type], label=name + part,
+                    id=object_id(name + part), store=True,
                     capabilities=MechanismFlag(0), template=_secret_template(usage),
                 )
-        elif key_type == "rsa-3072":
-            session.generate_keypair(
-                KeyType.RSA, 3072, label=name, id=key_id, store=True,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                public_template={**_public_template(), Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01"},
-                private_template=_private_template(),
-            )
         else:
-            params = encode_named_curve_parameters(_CURVES[key_type][0])
-            session.generate_keypair(
-                KeyType.EC, label=name, id=key_id, store=True,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                public_template={**_public_template(), Attribute.EC_PARAMS: params},
-                private_template=_private_template(),
-                mechanism=Mechanism.EC_KEY_PAIR_GEN,
-            )
+            _generate_keypair(session, name, key_type)
+    except p11x.FunctionNotSupported as e:
+        raise TokenError(
+            f"generating {key_type} key {name!r}: the token cannot generate this key type "
+            "(missing capability aes_generate; see `hsmflash token info`); import it instead"
+        ) from e
+    except p11x.MechanismInvalid as e:
+        cap = {"rsa-3072": "rsa_3072_generate", "ec-p256": "ec_p256_generate",
+               "ec-p384": "ec_p384_generate"}.get(key_type, "aes_generate")
+        raise TokenError(
+            f"generating {key_type} key {name!r}: the token lacks the mechanism (missing "
+            f"capability {cap}; see `hsmflash token info`)") from e
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"generating {key_type} key {name!r}") from e
     return find_key(session, name)
@@ -339,20 +424,24 @@ def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] 
 
 def import_key(
     session: Any, name: str, key_type: str, material: bytes | bytearray,
-    usage: tuple[str, ...] = (), *, source: str = "key file",
+    usage: tuple[str, ...] = (), *, source: str = "key file", wrappable: bool = False,
 ) -> TokenKey:
     """Import an espsecure key file (raw AES bytes, or a PEM private key) into the token.
 
-    The imported key becomes sensitive and non-extractable. The caller should tell the user to
-    destroy the source file.
+    The imported key becomes sensitive and non-extractable; `wrappable` (aes-256 only, for a
+    migrated ESP32-classic key on a token without XOR derivation, where the policy allows it)
+    keeps it sensitive but lets it be wrapped out (`CKA_EXTRACTABLE=true`). The caller should
+    tell the user to destroy the source file.
 
     Raises:
         InputError: the material does not fit `key_type` (message names `source`, never bytes).
         TokenError: the token refuses.
     """
     usage = check_type_usage(key_type, usage)
+    if wrappable and key_type != "aes-256":
+        raise InputError(f"only an aes-256 key (an ESP32-classic flash key) can be imported "
+                         f"wrappable, not {key_type}")
     _refuse_existing(session, name)
-    key_id = hashlib.sha256(name.encode()).digest()[:16]
     try:
         if key_type in _AES_BITS:
             size = _AES_BITS[key_type] // 8
@@ -364,20 +453,35 @@ def import_key(
                 )
             labels = [name + p for p in XTS_PARTS] if parts == 2 else [name]
             for i, label in enumerate(labels):
-                session.create_object({
-                    Attribute.CLASS: ObjectClass.SECRET_KEY,
-                    Attribute.KEY_TYPE: KeyType.AES,
-                    Attribute.LABEL: label,
-                    Attribute.ID: key_id,
-                    Attribute.VALUE: bytes(material[i * size:(i + 1) * size]),
-                    **_secret_template(usage),
-                })
+                template = _secret_template(usage)
+                if wrappable:
+                    template[Attribute.EXTRACTABLE] = True
+                _create_secret(session, label, bytes(material[i * size:(i + 1) * size]), usage,
+                               template)
         else:
             private = _load_private_pem(material, key_type, source)
-            _create_private(session, name, key_id, key_type, private)
+            _create_private(session, name, object_id(name), key_type, private)
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"importing {key_type} key {name!r}") from e
     return find_key(session, name)
+
+
+def _create_secret(session: Any, label: str, value: bytes, usage: tuple[str, ...],
+                   template: dict[Attribute, Any] | None = None) -> Any:
+    """One AES key object from raw bytes. CKA_VALUE_LEN is given where the token takes it
+    (openCryptoki does not derive it from the value, and the key's size is read from it)."""
+    base = {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.LABEL: label,
+        Attribute.ID: object_id(label),
+        Attribute.VALUE: value,
+        **(template if template is not None else _secret_template(usage)),
+    }
+    try:
+        return session.create_object({**base, Attribute.VALUE_LEN: len(value)})
+    except (*_TEMPLATE_REFUSALS, p11x.AttributeReadOnly):  # SoftHSM: read-only
+        return session.create_object(base)
 
 
 def _load_private_pem(material: bytes | bytearray, key_type: str, source: str) -> Any:
