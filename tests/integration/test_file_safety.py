@@ -70,6 +70,8 @@ def test_dev_zero_and_fifo_inputs_are_refused_without_hanging(signer, tmp_path):
     sign, image, _ = signer
     r = sign("/dev/zero", tmp_path / "z.bin")
     assert r.code == 3 and "not a regular file" in r.err, r.output
+    r = run_cli("audit", "show", "/dev/zero")
+    assert r.code == 3 and "not a regular file" in r.err, r.output
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
     data = image.read_bytes()
