@@ -273,9 +273,16 @@ def _forward_lines(fd: int, chunk: int = 65536) -> Iterator[bytes]:
 
 
 def _open_for_reading(path: Path) -> BinaryIO:
-    from hsmflash.fileio import open_regular
-
-    return os.fdopen(open_regular(path, "audit log"), "rb")
+    """Open a log for reading: a regular file only (a FIFO or /dev/zero never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"cannot read audit log {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -729,14 +736,18 @@ class AuditLog:
 
     @contextmanager
     def _locked(self) -> Iterator[_LockedLog]:
-        created = not self.path.exists()
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        created = not os.path.lexists(self.path)
+        try:  # never through a planted symbolic link; a FIFO or device is refused below
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
         except OSError as e:
-            raise InputError(f"cannot open audit log {self.path}: {e.strerror or e}") from e
+            what = ("is a symbolic link; refusing to follow it" if os.path.islink(self.path)
+                    else e.strerror or str(e))
+            raise InputError(f"cannot open audit log {self.path}: {what}") from e
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise InputError(f"audit log {self.path} is not a regular file")
+            os.set_blocking(fd, True)
             fcntl.flock(fd, fcntl.LOCK_EX)
             if created:  # make the new file's name durable too
                 dfd = os.open(self.path.parent, os.O_RDONLY)

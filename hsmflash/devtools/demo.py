@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file is hsmflash/devtools/demo.py)
 DEVICES = {
     "esp32s3": {"mac": "7c:df:a1:00:10:01", "revision": "0.2"},
     "esp32": {"mac": "24:0a:c4:00:10:01", "revision": "1.0"},

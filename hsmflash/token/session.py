@@ -241,7 +241,9 @@ def _log_in(token: Any, rw: bool, pin: str | None, *, retry_general_error: bool)
         except p11x.UserAlreadyLoggedIn:
             # this process already holds a logged-in session (PKCS#11 login is per application)
             return token.open(rw=rw)
-        except p11x.GeneralError:
+        except (p11x.GeneralError, p11x.UserPinNotInitialized):
+            # SoftHSM read its token file while another login rewrote it (seen in the full
+            # suite's contention test); never a wrong PIN, so retrying cannot lock the token
             if not retry_general_error or attempt == _RETRY_ATTEMPTS - 1:
                 raise
             _backoff(attempt)

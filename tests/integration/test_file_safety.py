@@ -70,6 +70,8 @@ def test_dev_zero_and_fifo_inputs_are_refused_without_hanging(signer, tmp_path):
     sign, image, _ = signer
     r = sign("/dev/zero", tmp_path / "z.bin")
     assert r.code == 3 and "not a regular file" in r.err, r.output
+    r = run_cli("audit", "show", "/dev/zero")
+    assert r.code == 3 and "not a regular file" in r.err, r.output
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
     data = image.read_bytes()
@@ -234,3 +236,15 @@ def test_espefuse_errors_never_carry_block_contents(tmp_path):
     assert key not in message and key[:16] not in message
     assert message.startswith("burning BLOCK_KEY0: The BLOCK_KEY0 is read-protected")
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # --debug too
+
+
+def test_audit_log_symlink_is_refused_before_key_use(signer, tmp_path, monkeypatch):
+    sign, image, _ = signer
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "log-link.jsonl"
+    link.symlink_to(victim)
+    monkeypatch.setenv("HSMFLASH_AUDIT_LOG", str(link))
+    r = sign(image, tmp_path / "s.bin")
+    assert r.code == 3 and "symbolic link" in r.err, r.output
+    assert victim.read_text() == "keep me" and not (tmp_path / "s.bin").exists()

@@ -43,6 +43,7 @@ def test_wrong_pin_is_asked_once_and_not_retried(token_env, tmp_path, monkeypatc
     monkeypatch.delenv("HSMFLASH_PIN")
     pin = tmp_path / "pin"
     pin.write_text(token_env["HSMFLASH_PIN"] + "\n")
+    pin.chmod(0o600)  # a PIN file others can read is refused, as ssh refuses such a key
     assert run_cli("--pin-file", pin, "keys", "list").code == 0
 
 
