@@ -216,6 +216,9 @@ def prove_code(img: Any, kind: str, chip: Chip, profile: ChipProfile,
     if info.kind != kind:
         raise InputError(f"image {img.path!r} at {img.address:#x} is an ESP {info.kind} "
                          f"image, but a {kind} belongs there")
+    if kind == BOOTLOADER and img.address + len(img.data) > partitions.TABLE_ADDRESS:
+        raise InputError(f"bootloader {img.path!r} at {img.address:#x} ({len(img.data):#x} "
+                         f"bytes) runs into the partition table at {partitions.TABLE_ADDRESS:#x}")
     sb = profile.secure_boot
     signed = info.sbv2_signed or info.sbv1_signed
     if sb is not None and sb.scheme == SBV1 and kind == BOOTLOADER:

@@ -84,7 +84,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
            "e8.bin": b"\xe8" + build_app("esp32s3", 60 * 1024, seed=22)[1:],
            "e8-fipy.bin": b"\xe8" + build_app("esp32", 60 * 1024, seed=24)[1:],
            "table.bin": build(default_layout()),
-           "data.bin": os.urandom(0x1000)}
+           "data.bin": os.urandom(0x1000),
+           "big-boot.bin": build_bootloader("esp32s3", 36 * 1024, seed=25)}
     for name, data in raw.items():
         (tmp / name).write_bytes(data)
         s.files[name] = tmp / name
@@ -147,6 +148,8 @@ S3_CASES = {
                                 "a bootloader belongs there"),
     "bootloader image as app": (lambda s: [f"0x10000={s.files['s3-boot']}"], BAD_INPUT,
                                 "a app belongs there"),
+    "bootloader running into the table": (lambda s: _s3(s, boot="big-boot.bin"), BAD_INPUT,
+                                          "runs into the partition table"),
     "negative address": (lambda s: [*_s3(s)[:1], f"-0x10000={s.files['s3-app']}"], BAD_INPUT,
                          "negative"),
     "overlapping images": (lambda s: [*_s3(s), f"0x18000={s.files['s3-app']}"], BAD_INPUT,
@@ -381,8 +384,10 @@ def test_p384_secure_boot_burns_sha384_en_and_needs_p4_v3(setup: Setup, tmp_path
     policy.write_text(P4_POLICY.format(label=TOKEN_LABEL, u=setup.uniq))
     assert setup.cli("--policy", policy, "keys", "create").code == 0
     images = []
-    for name, data, address in (("p4-boot", build_bootloader("esp32p4", seed=31), 0x2000),
-                                ("p4-app", build_app("esp32p4", 60 * 1024, seed=32), 0x10000)):
+    # the P4 bootloader sits at 0x2000: it must end before the table at 0x8000
+    for name, data, address in (
+            ("p4-boot", build_bootloader("esp32p4", 16 * 1024, seed=31), 0x2000),
+            ("p4-app", build_app("esp32p4", 60 * 1024, seed=32), 0x10000)):
         src, out = tmp_path / f"{name}.bin", tmp_path / f"{name}.signed"
         src.write_bytes(data)
         r = setup.cli("--policy", policy, "sign", src, "-o", out, "--key",
