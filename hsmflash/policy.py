@@ -73,6 +73,18 @@ class CredentialRules:
     nvs_address: int | None = None
     nvs_size: int = 0x6000
     nvs_keys_address: int | None = None
+    kind: str = "secret"  # what provisioning writes: "secret" (derived) or "x509"
+
+
+@dataclass(frozen=True)
+class CaRules:
+    """The device CA (`hsmflash ca ...`, `credentials issue --kind x509`, the CRL)."""
+
+    key: str = "device-ca"
+    subject: str = "CN={mac}"       # device certificate subject template
+    days: int = 3650                # device certificate validity
+    crl_days: int = 30              # CRL nextUpdate
+    dir: str = "hsmflash-ca"        # issued-certificate index and current CRL
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     description: str = ""
     credentials: CredentialRules | None = None
+    ca: CaRules | None = None
 
     # -- enforcement -----------------------------------------------------------------
     def profile(self, chip: str) -> ChipProfile:
@@ -314,11 +327,15 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 raise cr.error(fname, f"{value:#x} is not 4 KiB aligned")
         if nvs_size < 0x3000 or nvs_size % 0x1000:
             raise cr.error("nvs_size", "must be a multiple of 4 KiB, at least 0x3000")
+        kind = cr.get("kind", str, "secret")
+        if kind not in ("secret", "x509"):
+            raise cr.error("kind", f"{kind!r} is not 'secret' or 'x509'")
         credentials = CredentialRules(
             master, rkey, cr.get("server_url", str, ""),
             cr.get("username_template", str, "{device_id}"), namespace, nvs_address, nvs_size,
-            nvs_keys_address)
+            nvs_keys_address, kind)
         cr.done()
+    ca = _parse_ca(top.get("ca", dict, None), keys, source)
 
     lim = _Fields(top.get("limits", dict, {}), "limits", source)
     limits = Limits(max_devices_per_batch=lim.get("max_devices_per_batch", int, 100_000))
@@ -333,8 +350,25 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 f"{source}: export.efuse_burn: chip profile {chip_name!r} burns per-device keys "
                 "into eFuses, which needs efuse_burn = true"
             )
+    if credentials is not None and credentials.kind == "x509" and ca is None:
+        raise InputError(f"{source}: credentials.kind: 'x509' needs a [ca] table")
     return Policy(name, source, token_label, token_module, keys, chips, export, audit_key,
-                  limits, description, credentials)
+                  limits, description, credentials, ca)
+
+
+def _parse_ca(raw: Any, keys: dict[str, KeySpec], source: str) -> CaRules | None:
+    if raw is None:
+        return None
+    f = _Fields(raw, "ca", source)
+    key = f.get("key", str, "device-ca")
+    _need_key(f, "key", key, keys, ("ec-p256", "rsa-3072"), "sign")
+    rules = CaRules(key, f.get("subject", str, "CN={mac}"), f.get("days", int, 3650),
+                    f.get("crl_days", int, 30), f.get("dir", str, "hsmflash-ca"))
+    for name in ("days", "crl_days"):
+        if not 1 <= getattr(rules, name) <= 36500:
+            raise f.error(name, "must be 1 to 36500 days")
+    f.done()
+    return rules
 
 
 def _need_key(f: _Fields, field_name: str, key: str, keys: dict[str, KeySpec],

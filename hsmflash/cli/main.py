@@ -1216,6 +1216,9 @@ def provision_cmd(
 from hsmflash.cli.credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
+from hsmflash.cli.ca import ca_app  # noqa: E402
+
+app.add_typer(ca_app, name="ca")
 
 
 @app.command("flash")
