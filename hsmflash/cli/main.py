@@ -1058,7 +1058,7 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         if path.suffix == ".csv":
             cols = ["time", "mac", "chip", "revision", "fe_kcv", "sb_kcv", "images", "result",
-                    "error", "seconds"]
+                    "error", "seconds", "cert_serial", "cert_sha256"]
             w = csv.DictWriter(f, fieldnames=cols)
             if new:
                 w.writeheader()

@@ -201,7 +201,7 @@ def root_certificate(subject: x509.Name, public_key: PublicKey, key_type: str, d
             encipher_only=False, decipher_only=False), critical=True)
         .add_extension(_ski(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            public_key), critical=False)  # type: ignore[arg-type]
+            public_key), critical=False)
     )
     cert = builder.sign(_throwaway(key_type), hashes.SHA256())
     tbs = cert.tbs_certificate_bytes

@@ -164,12 +164,15 @@ class DeviceResult:
     seconds: float = 0.0
     error: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
+    cert_serial: str = ""  # credentials kind x509: the device certificate written to NVS
+    cert_sha256: str = ""
 
     def manifest_row(self) -> dict[str, Any]:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mac": self.mac,
                 "chip": self.chip, "revision": self.revision, "fe_kcv": self.fe_kcv,
                 "sb_kcv": self.sb_kcv, "images": self.images, "result": self.result,
-                "error": self.error, "seconds": round(self.seconds, 3)}
+                "error": self.error, "seconds": round(self.seconds, 3),
+                "cert_serial": self.cert_serial, "cert_sha256": self.cert_sha256}
 
 
 def _sw_kcv(key: bytes) -> str:
@@ -205,6 +208,7 @@ class Provisioner:
         self.profile: ChipProfile = policy.profile(chip.name)
         self.images = images
         self.progress = progress or (lambda _msg: None)
+        self.issued_certs: dict[str, tuple[str, str]] = {}  # mac -> (serial, cert sha256)
         self.master = st.key(self.profile.derive_master)
         self._exported: list[dict[str, str]] = []  # key exports while planning, for the audit
         self._check_static()
@@ -518,6 +522,7 @@ class Provisioner:
 
         self._burn_keys(device, mac, plan, subject, result)
         self._write_flash(device, mac, plan, subject)
+        result.cert_serial, result.cert_sha256 = self.issued_certs.pop(mac_text, ("", ""))
         self._verify(device, mac, plan, subject)
         self._enable(device, plan, subject, result)
         self._final_check(device, plan)
@@ -659,6 +664,8 @@ class Provisioner:
                 nvs_keys_address=cred.nvs_keys_address, nvs_address=cred.nvs_address)
             plan.flash[-2].ciphertext = parts.nvs
             plan.flash[-1].ciphertext = parts.nvs_keys
+            self.issued_certs[kdf.format_mac(mac)] = (parts.info.get("serial", ""),
+                                                      parts.info.get("cert_sha256", ""))
         with self._step("encrypt", subject, {"images": len(self.images), "path": path},
                         key_used=True) as out:
             for img, write in zip(self.images, plan.flash, strict=False):

@@ -214,8 +214,7 @@ def test_ca_csr_and_import_cert_from_a_root_elsewhere(env, tmp_path):
     r, _, _ = issue(env, DEV_A)
     assert r.code == 0, r.output
     chain = tmp_path / "chain.pem"
-    r2, nvs, _ = r, env.out / "nvs-240ac40a0001.bin", None
-    _, cert_der = device_material(env, DEV_A, nvs)
+    _, cert_der = device_material(env, DEV_A, env.out / "nvs-240ac40a0001.bin")
     chain.write_bytes(sub.read_bytes())
     leaf = tmp_path / "leaf.pem"
     leaf.write_bytes(x509.load_der_x509_certificate(cert_der).public_bytes(
@@ -228,7 +227,7 @@ def test_ca_csr_and_import_cert_from_a_root_elsewhere(env, tmp_path):
 
 def test_device_certificate_in_nvs_has_every_field_and_verifies_with_crl(env, token_env):
     ca_pem = init_ca(env)
-    r, nvs, keys = issue(env, DEV_A)
+    r, nvs, _ = issue(env, DEV_A)
     assert r.code == 0, r.output
     key_der, cert_der = device_material(env, DEV_A, nvs)
     ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
