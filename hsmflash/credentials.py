@@ -322,6 +322,74 @@ def _master(st: Station, name: str) -> TokenKey:
     return key
 
 
+NVS_HMAC_PURPOSE = "NVS_HMAC_UP"
+# ESP-IDF's CONFIG_NVS_SEC_KEY_PROTECT_USING_HMAC (nvs_sec_provider; the NVS tool's
+# --key_protect_hmac): eky = HMAC-SHA256(K, 5A 5A BE AE x 8), tky = HMAC-SHA256(K, A5 A5 DE CE x 8)
+# with K the HMAC_UP eFuse key; in the firmware each seed is the uint32 0xAEBE5A5A / 0xCEDEA5A5
+# stored little-endian.
+HMAC_EKEY_SEED = bytes.fromhex("5a5abeae") * 8
+HMAC_TKEY_SEED = bytes.fromhex("a5a5dece") * 8
+
+
+def hmac_nvs_keys(st: Station, fe_master: TokenKey, device: bytes, chip: str) -> \
+        tuple[bytearray, str]:
+    """The NVS keys eky || tky a chip with HMAC_UP key K derives at boot, computed in the token.
+
+    K is the `aes-ecb-v1` key for purpose NVS_HMAC_UP from the chip profile's master (the key
+    provisioning burns as HMAC_UP); the two HMACs run in the token on a sign-only derived
+    object. Audited as `nvs.hmac-keys` with K's KCV; the caller wipes the returned buffer.
+
+    Raises:
+        PolicyRefused: device secrets may not leave the token. TokenError: missing mechanism.
+    """
+    mac = kdf.format_mac(device)
+    with st.use("nvs.hmac-keys", fe_master, subject={"device": mac},
+                detail={"chip": chip, "purpose": NVS_HMAC_PURPOSE, "scheme": kdf.SCHEME},
+                check=lambda: _check_device_export(st.policy)) as outcome:
+        check = st.derive(fe_master, device, NVS_HMAC_PURPOSE)
+        try:
+            kcv = check.kcv
+        finally:
+            check.destroy()
+        eky, tky = st.derived_hmac_sha256(fe_master, device, NVS_HMAC_PURPOSE,
+                                          [HMAC_EKEY_SEED, HMAC_TKEY_SEED])
+        keys = eky + tky
+        wipe(eky)
+        wipe(tky)
+        outcome["exported"] = {"what": "NVS keys (eky||tky)", "hmac_up_kcv": kcv,
+                               "why": "device NVS partition"}
+    return keys, kcv
+
+
+def _nvs_keys(st: Station, profile: Any, master: TokenKey, fe_master: TokenKey,
+              device: bytes, derived: list[DerivedKey]) -> tuple[bytearray, str]:
+    """The device's NVS keys by the profile's scheme, and a label for their check value."""
+    if profile.nvs_encryption == "hmac":
+        keys, kcv = hmac_nvs_keys(st, fe_master, device, profile.chip)
+        return keys, f"hmac_up:{kcv}"
+    d = st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True)
+    derived.append(d)
+    return st.export(d, "the device's nvs_keys partition"), d.kcv
+
+
+def _protect_nvs_keys(st: Station, profile: Any, keys_plain: bytearray, chip: Any,
+                      nvs_keys_address: int, fe_master: TokenKey, device: bytes,
+                      info: dict[str, Any]) -> bytes:
+    """The encrypted nvs_keys partition (nvs-keys scheme), or b"" (hmac: the chip derives)."""
+    try:
+        if profile.nvs_encryption == "hmac":
+            info.update({"nvs_encryption": "hmac", "hmac_key_block": profile.nvs_hmac_key_block})
+            return b""
+        enc = crypt_image(st, bytes(keys_plain), chip, nvs_keys_address, master=fe_master,
+                          device=device, name="nvs_keys partition")
+    finally:
+        wipe(keys_plain)
+    info.update({"nvs_encryption": "nvs-keys", "nvs_keys_address": f"{nvs_keys_address:#x}",
+                 "nvs_keys_sha256": enc.output_sha256, "flash_encryption": enc.scheme,
+                 "flash_key_kcv": enc.kcv, "path": enc.path})
+    return enc.output
+
+
 def build_device_partitions(
     st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
     nvs_address: int | None = None, template: NvsTemplate | None = None,
@@ -382,10 +450,9 @@ def build_device_partitions(
         secret = nvs_keys = bytearray()
         try:
             derived.append(st.derive(master, device, CREDENTIAL_PURPOSE, exportable=True))
-            derived.append(st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True))
-            cred_kcv, nvs_keys_kcv = derived[0].kcv, derived[1].kcv
+            cred_kcv = derived[0].kcv
             secret = st.export(derived[0], "the device's NVS partition")
-            nvs_keys = st.export(derived[1], "the device's nvs_keys partition")
+            nvs_keys, nvs_keys_kcv = _nvs_keys(st, profile, master, fe_master, device, derived)
             outcome["exported"] = {"credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
                                    "why": "device NVS partitions"}
             nvs = build_nvs(template.render({**values, "secret": secret.hex()}), nvs_keys,
@@ -397,21 +464,16 @@ def build_device_partitions(
             for d in derived:
                 d.destroy()
         outcome["nvs_sha256"] = hashlib.sha256(nvs).hexdigest()
-    try:
-        enc = crypt_image(st, bytes(keys_plain), the_chip, nvs_keys_address, master=fe_master,
-                          device=device, name="nvs_keys partition")
-    finally:
-        wipe(keys_plain)
-    info = {
+    info: dict[str, Any] = {
         "device": mac, "device_id": device_id(device), "username": username, "chip": chip,
         "credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
         "nvs_size": f"{nvs_size:#x}", "nvs_sha256": hashlib.sha256(nvs).hexdigest(),
-        "nvs_keys_address": f"{nvs_keys_address:#x}", "nvs_keys_sha256": enc.output_sha256,
-        "flash_encryption": enc.scheme, "flash_key_kcv": enc.kcv, "path": enc.path,
     }
+    protected = _protect_nvs_keys(st, profile, keys_plain, the_chip, nvs_keys_address,
+                                  fe_master, device, info)
     if nvs_address is not None:
         info["nvs_address"] = f"{nvs_address:#x}"
-    return DevicePartitions(nvs, enc.output, info)
+    return DevicePartitions(nvs, protected, info)
 
 
 # -- X.509 device certificates -------------------------------------------------------------------
@@ -496,14 +558,12 @@ def build_x509_partitions(
     with st.use("credential.issue", master, subject={"device": mac}, detail=detail,
                 check=lambda: _check_device_export(st.policy)) as outcome:
         nvs_keys = bytearray()
-        derived: DerivedKey | None = None
+        derived: list[DerivedKey] = []
         try:
             key_der = bytearray(private.private_bytes(Encoding.DER, PrivateFormat.PKCS8,
                                                       NoEncryption()))
             del private
-            derived = st.derive(master, device, NVS_KEYS_PURPOSE, exportable=True)
-            nvs_keys_kcv = derived.kcv
-            nvs_keys = st.export(derived, "the device's nvs_keys partition")
+            nvs_keys, nvs_keys_kcv = _nvs_keys(st, profile, master, fe_master, device, derived)
             outcome["exported"] = {"nvs_keys_kcv": nvs_keys_kcv, "device_key_fp": key_fp,
                                    "why": "device NVS partitions"}
             nvs = build_nvs(x509_rows(settings, device, issued.der, key_der), nvs_keys,
@@ -512,29 +572,24 @@ def build_x509_partitions(
         finally:
             wipe(key_der)
             wipe(nvs_keys)
-            if derived is not None:
-                derived.destroy()
+            for d in derived:
+                d.destroy()
         outcome["nvs_sha256"] = hashlib.sha256(nvs).hexdigest()
-    try:
-        enc = crypt_image(st, bytes(keys_plain), the_chip, nvs_keys_address, master=fe_master,
-                          device=device, name="nvs_keys partition")
-    finally:
-        wipe(keys_plain)
     info: dict[str, Any] = {
         "device": mac, "device_id": device_id(device), "chip": chip, "kind": "x509",
         "serial": f"{issued.serial:x}", "cert_sha256": issued.sha256, "device_key_fp": key_fp,
         "cert_der": issued.der.hex(), "nvs_keys_kcv": nvs_keys_kcv,
         "nvs_size": f"{nvs_size:#x}", "nvs_sha256": hashlib.sha256(nvs).hexdigest(),
-        "nvs_keys_address": f"{nvs_keys_address:#x}", "nvs_keys_sha256": enc.output_sha256,
-        "flash_encryption": enc.scheme, "flash_key_kcv": enc.kcv, "path": enc.path,
     }
+    protected = _protect_nvs_keys(st, profile, keys_plain, the_chip, nvs_keys_address,
+                                  fe_master, device, info)
     if nvs_address is not None:
         info["nvs_address"] = f"{nvs_address:#x}"
     if previous and not keep_previous:
         revoked = ca.revoke(st, device=device, ca_dir=directory, only_serials=previous,
                             reason="superseded by a new certificate")
         info["revoked_previous"] = revoked["revoked"]
-    return DevicePartitions(nvs, enc.output, info)
+    return DevicePartitions(nvs, protected, info)
 
 
 # -- checking a presented secret -----------------------------------------------------------------

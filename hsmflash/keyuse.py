@@ -320,6 +320,44 @@ class Station:
             raise wrap_pkcs11(e, f"deriving {purpose} from {master.name!r}") from e
         return DerivedKey(device, purpose, objects)
 
+    def derived_hmac_sha256(self, master: TokenKey, device: bytes, purpose: str,
+                            messages: list[bytes]) -> list[bytearray]:
+        """HMAC-SHA256 of each message under the device's derived key K_D, in the token.
+
+        K_D (aes-ecb-v1, as `derive`) becomes a CKK_GENERIC_SECRET session object that can
+        only sign (CKM_SHA256_HMAC) and is destroyed at once. Call inside `use(...)`; the
+        caller wipes the results.
+
+        Raises:
+            InputError, TokenError: as `derive`; TokenError when the token refuses the
+                generic-secret derivation or CKM_SHA256_HMAC.
+        """
+        blocks = kdf.derivation_blocks(device, purpose)
+        if master.type != "aes-256" or "derive" not in master.usage:
+            raise TokenError(f"master key {master.name!r} must be aes-256 with usage derive")
+        template = {
+            Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True, Attribute.VERIFY: False, Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False, Attribute.DERIVE: False, Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+        }
+        data = b"".join(blocks)
+        try:
+            obj = master.primary.derive_key(
+                KeyType.GENERIC_SECRET, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                mechanism_param=data, template=template)
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"deriving the {purpose} HMAC key from {master.name!r}") from e
+        try:
+            return [bytearray(obj.sign(m, mechanism=Mechanism.SHA256_HMAC)) for m in messages]
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"HMAC-SHA256 with the derived {purpose} key") from e
+        finally:
+            try:
+                obj.destroy()
+            except p11x.PKCS11Error:
+                pass
+
     def export(self, derived: DerivedKey, reason: str) -> bytearray:
         """Read a derived key's bytes into memory (invariant 3). The caller must wipe it.
 

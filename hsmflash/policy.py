@@ -15,6 +15,10 @@ from hsmflash.errors import Error, InputError, PolicyRefused
 from hsmflash.token.keys import ALLOWED_USAGES, KEY_TYPES, TokenKey, check_type_usage
 
 KDF_SCHEMES = ("aes-ecb-v1",)
+# NVS encryption key protection: the nvs_keys partition under flash encryption, or ESP-IDF's
+# CONFIG_NVS_SEC_KEY_PROTECT_USING_HMAC (an HMAC_UP eFuse key), on chips with an HMAC peripheral
+NVS_SCHEMES = ("nvs-keys", "hmac")
+HMAC_CHIPS = ("esp32s2", "esp32s3", "esp32c3", "esp32c5", "esp32c6", "esp32h2", "esp32p4")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ChipProfile:
     revisions: tuple[int, ...] = ()
     flash_size: int = 4 * 1024 * 1024
     images: dict[str, str] = field(default_factory=dict)
+    nvs_encryption: str = "nvs-keys"  # one of NVS_SCHEMES
+    nvs_hmac_key_block: str = "BLOCK_KEY5"  # hmac: CONFIG_NVS_SEC_HMAC_EFUSE_KEY_ID = 5
 
 
 @dataclass(frozen=True)
@@ -446,6 +452,14 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
             raise f.error("images", f"image for {addr} must be a file name")
         images[addr] = img
     flash_size = f.get("flash_size", int, 4 * 1024 * 1024)
+    nvs_scheme = f.get("nvs_encryption", str, "nvs-keys")
+    if nvs_scheme not in NVS_SCHEMES:
+        raise f.error("nvs_encryption", f"{nvs_scheme!r} is not one of {', '.join(NVS_SCHEMES)}")
+    if nvs_scheme == "hmac" and chip_name not in HMAC_CHIPS:
+        raise f.error("nvs_encryption", f"{chip_name} has no HMAC peripheral; use 'nvs-keys'")
+    hmac_block = f.get("nvs_hmac_key_block", str, "BLOCK_KEY5")
+    if nvs_scheme == "hmac" and hmac_block not in chip.key_blocks:
+        raise f.error("nvs_hmac_key_block", f"{hmac_block!r} is not a key block of {chip_name}")
     prof = ChipProfile(
         chip=chip_name,
         flash_encryption=fe,
@@ -460,6 +474,8 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         revisions=revisions,
         flash_size=flash_size,
         images=images,
+        nvs_encryption=nvs_scheme,
+        nvs_hmac_key_block=hmac_block,
     )
     if prof.readable_keys and prof.release_mode:
         raise f.error("readable_keys", "a release-mode profile must read-protect its keys")

@@ -131,26 +131,31 @@ def issue_cmd(
                                             template=tmpl, settings=settings, kind="secret")
     atomic_write(nvs_path, parts.nvs, mode=0o600)
     try:
-        atomic_write(keys_path, parts.nvs_keys, mode=0o600)
+        if parts.nvs_keys:  # none with the HMAC scheme: the chip derives its NVS keys
+            atomic_write(keys_path, parts.nvs_keys, mode=0o600)
         if cert_out is not None:
             atomic_write(cert_out, pem(bytes.fromhex(parts.info["cert_der"]), "CERTIFICATE"))
     except BaseException:
         nvs_path.unlink(missing_ok=True)
         keys_path.unlink(missing_ok=True)
         raise
-    info = {**parts.info, "nvs_out": str(nvs_path), "nvs_keys_out": str(keys_path)}
+    info = {**parts.info, "nvs_out": str(nvs_path)}
     info.pop("cert_der", None)
+    if parts.nvs_keys:
+        info["nvs_keys_out"] = str(keys_path)
+    keys_line = (f"{keys_path} (nvs_keys at {info['nvs_keys_address']}, "
+                 f"{info['flash_encryption']})" if parts.nvs_keys else
+                 f"no nvs_keys partition: NVS keys from the HMAC_UP key in "
+                 f"{info.get('hmac_key_block')}")
     if kind == "x509":
         c.emit(info, f"{info['device']}: certificate serial {info['serial']} (sha256 "
                      f"{info['cert_sha256'][:16]}...), key {info['device_key_fp'][:23]}...\n"
                      f"  {nvs_path} (NVS at {info.get('nvs_address', '?')}, {info['nvs_size']})"
-                     f"\n  {keys_path} (nvs_keys at {info['nvs_keys_address']}, "
-                     f"{info['flash_encryption']})")
+                     f"\n  {keys_line}")
         return
     c.emit(info, f"{info['device']}: credential kcv {info['credential_kcv']}, user "
                  f"{info['username']}\n  {nvs_path} (NVS at {info['nvs_address']}, "
-                 f"{info['nvs_size']})\n  {keys_path} (nvs_keys at {info['nvs_keys_address']}, "
-                 f"{info['flash_encryption']})")
+                 f"{info['nvs_size']})\n  {keys_line}")
 
 
 @credentials_app.command("check")
