@@ -362,6 +362,23 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                   limits, description, credentials, ca)
 
 
+# the attributes formats.x509.parse_name knows (tests/unit/test_x509_formats.py holds them
+# equal); checked here without importing cryptography's x509 on every command
+SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "ST", "L", "SERIALNUMBER", "DC")
+
+
+def _subject_template_problem(template: str) -> str:
+    filled = template.replace("{mac}", "m").replace("{device_id}", "d")
+    if "{" in filled or "}" in filled:
+        return "unknown placeholder (known: {mac}, {device_id})"
+    for part in filled.replace("\\,", "").split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip().upper() not in SUBJECT_ATTRIBUTES or not value.strip():
+            return (f"{part.strip()!r} is not ATTR=value with ATTR one of "
+                    f"{', '.join(SUBJECT_ATTRIBUTES)}")
+    return ""
+
+
 def _parse_ca(raw: Any, keys: dict[str, KeySpec], source: str) -> CaRules | None:
     if raw is None:
         return None
@@ -373,6 +390,9 @@ def _parse_ca(raw: Any, keys: dict[str, KeySpec], source: str) -> CaRules | None
     for name in ("days", "crl_days"):
         if not 1 <= getattr(rules, name) <= 36500:
             raise f.error(name, "must be 1 to 36500 days")
+    problem = _subject_template_problem(rules.subject)
+    if problem:
+        raise f.error("subject", f"{rules.subject!r}: {problem}")
     f.done()
     return rules
 
