@@ -47,6 +47,9 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     marker = '[chips.esp32s3]\n'
     assert marker in text
     text = text.replace(marker, marker + 'nvs_encryption = "hmac"\n')
+    text = text.replace("[keys.device-ca]", f"[keys.{bench.uniq}-device-ca]")
+    text = text.replace('key = "device-ca"', f'key = "{bench.uniq}-device-ca"')
+    text = text.replace('dir = "hsmflash-ca"', f'dir = "{tmp / "ca"}"')
     policy = tmp / "hmac.toml"
     policy.write_text(text)
     efuse, flash = bench.new_chip(tmp, "esp32s3", "s3", mac=MAC)
@@ -109,3 +112,26 @@ def test_hmac_scheme_is_refused_for_a_chip_without_hmac(tmp_path, cli):  # type:
     bad.write_text(text)
     r = cli("policy", "check", bad)
     assert r.code == 3 and "chips.esp32.nvs_encryption" in r.output and "HMAC" in r.output
+
+
+def test_certificate_nvs_with_hmac_keys(provisioned):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    bench, policy, _efuse, _flash, tmp, _r = provisioned
+    assert bench.cli("--policy", str(policy), "keys", "create").code == 0
+    r = bench.cli("--policy", str(policy), "ca", "init", "--subject", "CN=HMAC test CA",
+                  "-o", str(tmp / "ca.pem"))
+    assert r.code == 0, r.output
+    nvs, keys = tmp / "x509-nvs.bin", tmp / "x509-keys.bin"
+    r = bench.cli("--policy", str(policy), "credentials", "issue", "--kind", "x509", "--device",
+                  MAC, "--chip", "esp32s3", "--nvs-out", str(nvs), "--nvs-keys-out", str(keys))
+    assert r.code == 0, r.output
+    assert not keys.exists()
+    k = derive(bench.master, MAC, "NVS_HMAC_UP", 32)
+    blobs = nvs_blobs(nvs_decrypt(nvs.read_bytes(), spec_nvs_keys(k), tmp))
+    cert = x509.load_der_x509_certificate(blobs[("hsmflash", "dev_cert")])
+    key = serialization.load_der_private_key(blobs[("hsmflash", "dev_key")], None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+    ca = x509.load_pem_x509_certificate((tmp / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
