@@ -410,3 +410,19 @@ def test_revoking_an_unknown_device_and_a_tampered_crl(env):
     out = env.out / "crl2.pem"
     r = env.run("credentials", "crl", "-o", out)
     assert r.code == 6 and not out.exists()
+
+
+def test_command_line_mistakes_are_usage_errors(env):
+    init_ca(env)
+    r = env.run("credentials", "revoke", DEV_A, "--serial", "01")
+    assert r.code == 2 and "not both" in r.output
+    r = env.run("credentials", "revoke")
+    assert r.code == 2
+    r = env.run("credentials", "revoke", "--serial", "xyz")
+    assert r.code == 3 and "hexadecimal" in r.output
+    tmpl = env.tmp / "t.csv"
+    tmpl.write_text("key,type,encoding,value\nns,namespace,,\npw,data,string,{secret}\n")
+    r, nvs, keys = issue(env, DEV_A, "--template", tmpl)
+    assert r.code == 2 and not nvs.exists() and not keys.exists()
+    r = env.run("credentials", "issue", "--kind", "pem", "--device", DEV_A, "--chip", "esp32s3")
+    assert r.code == 2 and "--kind" in r.output
