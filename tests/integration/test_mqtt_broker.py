@@ -5,8 +5,8 @@ device's key and certificate are recovered the way the chip would: the `nvs_keys
 decrypted from the virtual flash with the flash-encryption key re-derived by the aes-ecb-v1 spec
 (espsecure), the NVS partition with the keys found there (the NVS tool), and the blobs read from
 the plain NVS. mosquitto (require_certificate, cafile = the device CA, crlfile) accepts both;
-after `credentials revoke` and a broker restart with the new CRL, the revoked one is refused and
-the other still connects.
+after `credentials revoke` and `credentials crl`, the revoked one is refused and the other still
+connects, both after a reload (SIGHUP) of the running broker and after a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -49,7 +50,8 @@ def openssl(*args: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def broker(workdir: Path, ca_pem: Path, crl_pem: Path, server: tuple[Path, Path]) -> Iterator[int]:
+def broker(workdir: Path, ca_pem: Path, crl_pem: Path,
+           server: tuple[Path, Path]) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """mosquitto with a TLS listener that requires a client certificate from the device CA."""
     if not Path(MOSQUITTO).exists():
         pytest.fail("mosquitto is not installed (bash softhsm/install.sh installs it)")
@@ -72,7 +74,7 @@ def broker(workdir: Path, ca_pem: Path, crl_pem: Path, server: tuple[Path, Path]
             if time.monotonic() > deadline:
                 pytest.fail("mosquitto did not listen")
             time.sleep(0.05)
-        yield port
+        yield port, proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -189,15 +191,24 @@ def test_broker_accepts_devices_and_refuses_a_revoked_one(fleet):  # type: ignor
     r = bench.cli("--policy", str(policy), "credentials", "crl", "-o", str(crl_pem))
     assert r.code == 0, r.output
     server = (tmp / "server.pem", tmp / "server.key")
-    with broker(tmp, ca_pem, crl_pem, server) as port:
+    with broker(tmp, ca_pem, crl_pem, server) as (port, proc):
         for mac in DEVICES:
             assert mqtt_connect(port, tmp / "server-ca.pem", *files[mac], mac) == "accepted"
-    r = bench.cli("--policy", str(policy), "credentials", "revoke", revoked, "--reason",
-                  "stolen")
-    assert r.code == 0, r.output
-    r = bench.cli("--policy", str(policy), "credentials", "crl", "-o", str(crl_pem))
-    assert r.code == 0, r.output
-    with broker(tmp, ca_pem, crl_pem, server) as port:
+        r = bench.cli("--policy", str(policy), "credentials", "revoke", revoked, "--reason",
+                      "stolen")
+        assert r.code == 0, r.output
+        r = bench.cli("--policy", str(policy), "credentials", "crl", "-o", str(crl_pem))
+        assert r.code == 0, r.output
+        # a reload (SIGHUP) picks up the new CRL
+        proc.send_signal(signal.SIGHUP)
+        log_path = tmp / "mosquitto.log"
+        deadline = time.monotonic() + 10
+        while "Reloading config" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mqtt_connect(port, tmp / "server-ca.pem", *files[revoked], revoked) != "accepted"
+        assert mqtt_connect(port, tmp / "server-ca.pem", *files[kept], kept) == "accepted"
+    # and so does a restart
+    with broker(tmp, ca_pem, crl_pem, server) as (port, _proc):
         refused = mqtt_connect(port, tmp / "server-ca.pem", *files[revoked], revoked)
         assert mqtt_connect(port, tmp / "server-ca.pem", *files[kept], kept) == "accepted"
     # the client only sees the connection closed; the broker's log says why: the same
