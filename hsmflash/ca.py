@@ -227,6 +227,20 @@ def _ca_dir(rules: CaRules, ca_dir: Path | None) -> Path:
     return ca_dir if ca_dir is not None else Path(rules.dir)
 
 
+def check_ca_dir(directory: Path) -> None:
+    """Make sure the CA directory exists and can be written, before the CA key is used.
+
+    Raises:
+        InputError: it cannot be created or written.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"CA directory {str(directory)!r}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"CA directory {str(directory)!r}: not writable")
+
+
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     try:
@@ -282,6 +296,7 @@ def issue_device_cert(st: Station, device: bytes, public_key: PublicKey, *,
     subject = subject or subject_for(rules, device)
     mac = kdf.format_mac(device)
     directory = _ca_dir(rules, ca_dir)
+    check_ca_dir(directory)
     req = fx.DeviceCertRequest(subject, public_key, rules.days, fx.random_serial())
     with st.use("cert.issue", key, subject={"device": mac, "serial": f"{req.serial:x}"},
                 detail={"cert_subject": subject.rfc4514_string(), "days": rules.days,

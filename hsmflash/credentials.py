@@ -541,6 +541,7 @@ def build_x509_partitions(
     master = _master(st, settings.master)
     fe_master = st.key(profile.derive_master)
     directory = ca_dir if ca_dir is not None else Path(rules.dir)
+    ca.check_ca_dir(directory)
     previous = [int(r["serial"], 16) for r in ca.read_index(directory) if r["device"] == mac]
 
     private = _ec.generate_private_key(_ec.SECP256R1())

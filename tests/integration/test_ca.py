@@ -426,3 +426,13 @@ def test_command_line_mistakes_are_usage_errors(env):
     assert r.code == 2 and not nvs.exists() and not keys.exists()
     r = env.run("credentials", "issue", "--kind", "pem", "--device", DEV_A, "--chip", "esp32s3")
     assert r.code == 2 and "--kind" in r.output
+
+
+def test_an_unwritable_ca_directory_is_refused_before_the_ca_key_is_used(env, token_env):
+    init_ca(env)
+    blocker = env.tmp / "a-file"
+    blocker.write_text("not a directory")
+    r, nvs, keys = issue(env, DEV_A, "--ca-dir", blocker / "ca")
+    assert r.code == 3 and "CA directory" in r.output
+    assert not nvs.exists() and not keys.exists()
+    assert "cert.issue" not in Path(token_env["HSMFLASH_AUDIT_LOG"]).read_text()
