@@ -1,4 +1,5 @@
-"""`hsmflash credentials ...`: issue, check and revoke per-device server credentials.
+"""`hsmflash credentials ...`: issue, check and revoke per-device server credentials (derived
+secrets and X.509 certificates: issue --kind x509, sign-csr, revoke, crl).
 
 Registered by `_cli` with `app.add_typer(credentials_app, name="credentials")`. `_cli` is imported
 lazily inside the commands so either module may be imported first.
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from hsmflash.credentials import CredentialSettings
 
 credentials_app = typer.Typer(
-    help="Per-device server credentials: derived in the token, written to the device's "
-         "encrypted NVS, checked by re-derivation, revoked through a signed list.",
+    help="Per-device server credentials, written to the device's encrypted NVS: a secret "
+         "derived in the token (checked by re-derivation, revoked through a signed list) or an "
+         "X.509 certificate from the device CA (revoked through its CRL).",
     no_args_is_help=True,
 )
 
