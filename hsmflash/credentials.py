@@ -49,7 +49,7 @@ from hsmflash.fileio import atomic_write, read_input
 from hsmflash.formats import kdf, primitives
 from hsmflash.formats.flashcrypt import SoftwareAes
 from hsmflash.formats.primitives import PublicKey, fingerprint
-from hsmflash.keyuse import DerivedKey, Station, check_master, wipe
+from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
 from hsmflash.policy import Policy
 from hsmflash.token.keys import TokenKey
 
@@ -118,7 +118,7 @@ class NvsRow:
     key: str
     type: str
     encoding: str = ""
-    value: str = ""
+    value: str | bytearray = ""  # bytearray: a `binary` blob (device keys, wiped by the owner)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,9 @@ class NvsTemplate:
     source: str = "default template"
 
     def render(self, values: dict[str, str]) -> list[NvsRow]:
-        def fill(text: str) -> str:
+        def fill(text: str | bytearray) -> str | bytearray:
+            if isinstance(text, bytearray):
+                return text
             for name, value in values.items():
                 text = text.replace("{" + name + "}", value)
             return text
@@ -269,7 +271,8 @@ def build_nvs(rows: Sequence[NvsRow], nvs_keys: bytes | bytearray, size: int) ->
             if row.type == "namespace":
                 nvsgen.write_entry(nvs, row.key, "namespace", "", "")
             else:
-                nvsgen.write_entry(nvs, row.key, "data", row.encoding, row.value)
+                value = bytes(row.value) if isinstance(row.value, bytearray) else row.value
+                nvsgen.write_entry(nvs, row.key, "data", row.encoding, value)
         nvsgen.nvs_close(nvs)
     except (nvsgen.InsufficientSizeError, nvsgen.PageFullError):
         raise InputError(f"NVS entries do not fit a {size:#x}-byte partition") from None
@@ -314,12 +317,78 @@ def _master(st: Station, name: str) -> TokenKey:
     return key
 
 
+NVS_HMAC_PURPOSE = "NVS_HMAC_UP"
+# ESP-IDF's CONFIG_NVS_SEC_KEY_PROTECT_USING_HMAC (nvs_sec_provider; the NVS tool's
+# --key_protect_hmac): eky = HMAC-SHA256(K, 5A 5A BE AE x 8), tky = HMAC-SHA256(K, A5 A5 DE CE x 8)
+# with K the HMAC_UP eFuse key; in the firmware each seed is the uint32 0xAEBE5A5A / 0xCEDEA5A5
+# stored little-endian.
+HMAC_EKEY_SEED = bytes.fromhex("5a5abeae") * 8
+HMAC_TKEY_SEED = bytes.fromhex("a5a5dece") * 8
+
+
+def hmac_nvs_keys(st: Station, fe_master: TokenKey, device: bytes, chip: str) -> \
+        tuple[bytearray, str]:
+    """The NVS keys eky || tky a chip with HMAC_UP key K derives at boot, computed in the token.
+
+    K is the `aes-ecb-v1` key for purpose NVS_HMAC_UP from the chip profile's master (the key
+    provisioning burns as HMAC_UP); the two HMACs run in the token on a sign-only derived
+    object. Audited as `nvs.hmac-keys` with K's KCV; the caller wipes the returned buffer.
+
+    Raises:
+        PolicyRefused: device secrets may not leave the token. TokenError: missing mechanism.
+    """
+    mac = kdf.format_mac(device)
+    with st.use("nvs.hmac-keys", fe_master, subject={"device": mac},
+                detail={"chip": chip, "purpose": NVS_HMAC_PURPOSE, "scheme": kdf.SCHEME},
+                exports=["device_secrets"]) as outcome:
+        eky, tky = outcome.derived_hmac_sha256(device, NVS_HMAC_PURPOSE,
+                                               [HMAC_EKEY_SEED, HMAC_TKEY_SEED], "device_secrets")
+        kcv = outcome["exported"][-1]["kcv"]
+        keys = eky + tky
+        wipe(eky)
+        wipe(tky)
+    return keys, kcv
+
+
+def _nvs_keys(st: Station, profile: Any, use: KeyUse, fe_master: TokenKey,
+              device: bytes, derived: list[DerivedKey]) -> tuple[bytearray, str]:
+    """The device's NVS keys by the profile's scheme, and a label for their check value;
+    `use` is the credential master's open use."""
+    if profile.nvs_encryption == "hmac":
+        keys, kcv = hmac_nvs_keys(st, fe_master, device, profile.chip)
+        return keys, f"hmac_up:{kcv}"
+    d = use.derive(device, NVS_KEYS_PURPOSE, exportable=True)
+    derived.append(d)
+    return use.export(d, "device_secrets"), d.kcv
+
+
+def _protect_nvs_keys(st: Station, profile: Any, keys_plain: bytearray, chip: Any,
+                      nvs_keys_address: int, fe_master: TokenKey, device: bytes,
+                      info: dict[str, Any]) -> bytes:
+    """The encrypted nvs_keys partition (nvs-keys scheme), or b"" (hmac: the chip derives)."""
+    try:
+        if profile.nvs_encryption == "hmac":
+            info.update({"nvs_encryption": "hmac", "hmac_key_block": profile.nvs_hmac_key_block})
+            return b""
+        enc = crypt_image(st, bytes(keys_plain), chip, nvs_keys_address, master=fe_master,
+                          device=device, name="nvs_keys partition")
+    finally:
+        wipe(keys_plain)
+    info.update({"nvs_encryption": "nvs-keys", "nvs_keys_address": f"{nvs_keys_address:#x}",
+                 "nvs_keys_sha256": enc.output_sha256, "flash_encryption": enc.scheme,
+                 "flash_key_kcv": enc.kcv, "path": enc.path})
+    return enc.output
+
+
 def build_device_partitions(
     st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
     nvs_address: int | None = None, template: NvsTemplate | None = None,
-    settings: CredentialSettings | None = None,
+    settings: CredentialSettings | None = None, kind: str | None = None,
 ) -> DevicePartitions:
     """Issue a device's credential: its encrypted NVS partition and encrypted `nvs_keys`.
+
+    `kind` is "secret" (this function) or "x509" (`build_x509_partitions`); by default the
+    policy's `[credentials] kind`.
 
     The credential and NVS keys are derived in the token, exported to memory only to build the
     partitions (audited as `credential.issue` with their KCVs, allowed by the policy's export
@@ -331,6 +400,12 @@ def build_device_partitions(
         PolicyRefused: the policy has no profile for `chip` or forbids the export.
         TokenError: missing keys, usages or mechanisms.
     """
+    if kind is None:
+        kind = st.policy.credentials.kind if st.policy.credentials else "secret"
+    if kind == "x509":
+        return build_x509_partitions(st, chip, device, nvs_size=nvs_size,
+                                     nvs_keys_address=nvs_keys_address, nvs_address=nvs_address,
+                                     settings=settings)
     settings = settings or CredentialSettings.from_policy(st.policy)
     template = template or default_template(settings)
     kdf.check_device_id(device)
@@ -365,10 +440,9 @@ def build_device_partitions(
         secret = nvs_keys = bytearray()
         try:
             derived.append(outcome.derive(device, CREDENTIAL_PURPOSE, exportable=True))
-            derived.append(outcome.derive(device, NVS_KEYS_PURPOSE, exportable=True))
-            cred_kcv, nvs_keys_kcv = derived[0].kcv, derived[1].kcv
+            cred_kcv = derived[0].kcv
             secret = outcome.export(derived[0], "device_secrets")
-            nvs_keys = outcome.export(derived[1], "device_secrets")
+            nvs_keys, nvs_keys_kcv = _nvs_keys(st, profile, outcome, fe_master, device, derived)
             nvs = build_nvs(template.render({**values, "secret": secret.hex()}), nvs_keys,
                             nvs_size)
             keys_plain = nvs_keys_partition(nvs_keys)
@@ -378,21 +452,135 @@ def build_device_partitions(
             for d in derived:
                 d.destroy()
         outcome["nvs_sha256"] = hashlib.sha256(nvs).hexdigest()
-    try:
-        enc = crypt_image(st, bytes(keys_plain), the_chip, nvs_keys_address, master=fe_master,
-                          device=device, name="nvs_keys partition")
-    finally:
-        wipe(keys_plain)
-    info = {
+    info: dict[str, Any] = {
         "device": mac, "device_id": device_id(device), "username": username, "chip": chip,
         "credential_kcv": cred_kcv, "nvs_keys_kcv": nvs_keys_kcv,
         "nvs_size": f"{nvs_size:#x}", "nvs_sha256": hashlib.sha256(nvs).hexdigest(),
-        "nvs_keys_address": f"{nvs_keys_address:#x}", "nvs_keys_sha256": enc.output_sha256,
-        "flash_encryption": enc.scheme, "flash_key_kcv": enc.kcv, "path": enc.path,
     }
+    protected = _protect_nvs_keys(st, profile, keys_plain, the_chip, nvs_keys_address,
+                                  fe_master, device, info)
     if nvs_address is not None:
         info["nvs_address"] = f"{nvs_address:#x}"
-    return DevicePartitions(nvs, enc.output, info)
+    return DevicePartitions(nvs, protected, info)
+
+
+# -- X.509 device certificates -------------------------------------------------------------------
+
+CERT_KEY = "dev_cert"  # NVS blob: the device certificate (DER)
+PRIVKEY_KEY = "dev_key"  # NVS blob: the device private key (PKCS#8 DER, P-256)
+_DUMMY_BLOB = 1024  # larger than any P-256 key or device certificate we make
+
+
+def x509_rows(settings: CredentialSettings, device: bytes, cert_der: bytes,
+              key_der: bytearray) -> list[NvsRow]:
+    """The device's NVS entries for a certificate: device_id, dev_cert, dev_key (blobs)."""
+    return [
+        NvsRow(settings.namespace, "namespace"),
+        NvsRow("device_id", "data", "string", device_id(device)),
+        NvsRow(CERT_KEY, "data", "binary", bytearray(cert_der)),
+        NvsRow(PRIVKEY_KEY, "data", "binary", key_der),
+    ]
+
+
+def build_x509_partitions(
+    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
+    nvs_address: int | None = None, settings: CredentialSettings | None = None,
+    ca_dir: Path | None = None, keep_previous: bool = False,
+) -> DevicePartitions:
+    """Issue a device certificate and write key + certificate into the device's encrypted NVS.
+
+    The device key (EC P-256) is made on the station in memory; only its PKCS#8 DER goes into
+    the NVS image, encrypted with the device's NVS keys, and the buffer is wiped after (best
+    effort: cryptography's key object cannot be wiped). The CA signs through the key-use choke
+    point (`cert.issue`); the key's export is audited with its public-key fingerprint
+    (`credential.issue`). Unless `keep_previous`, the device's earlier certificates are revoked
+    in the CRL.
+
+    Raises:
+        InputError, PolicyRefused, TokenError: as `build_device_partitions`; TokenError also
+            when the CA has no certificate yet.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec as _ec
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from hsmflash import ca
+
+    settings = settings or CredentialSettings.from_policy(st.policy)
+    kdf.check_device_id(device)
+    the_chip = get_chip(chip)
+    check_nvs_size(nvs_size)
+    if nvs_keys_address % NVS_PAGE:
+        raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
+    if nvs_address is not None and nvs_address % NVS_PAGE:
+        raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
+    profile = st.policy.profile(chip)
+    st.policy.check_export("device_secrets")  # refused before anything is built
+    mac = kdf.format_mac(device)
+    rules = ca.settings_of(st)
+    ca.subject_for(rules, device)  # a bad template fails here, before any key use
+    build_nvs(x509_rows(settings, device, bytes(_DUMMY_BLOB), bytearray(_DUMMY_BLOB)),
+              bytes(range(NVS_KEYS_BYTES)), nvs_size)
+    ca_key = ca.ca_key(st)
+    ca.require_certificate(st, ca_key)
+    master = _master(st, settings.master)
+    fe_master = st.key(profile.derive_master)
+    directory = ca_dir if ca_dir is not None else Path(rules.dir)
+    ca.check_ca_dir(directory)
+    previous = [int(r["serial"], 16) for r in ca.read_index(directory) if r["device"] == mac]
+
+    private = _ec.generate_private_key(_ec.SECP256R1())
+    public = private.public_key()
+    key_fp = fingerprint(public)
+    issued = ca.issue_device_cert(st, device, public, ca_dir=directory,
+                                  detail={"chip": chip, "key_origin": "station-memory"})
+    detail = {"chip": chip, "nvs_size": f"{nvs_size:#x}", "kind": "x509",
+              "nvs_keys_address": f"{nvs_keys_address:#x}", "scheme": kdf.SCHEME,
+              "serial": f"{issued.serial:x}"}
+    if nvs_address is not None:
+        detail["nvs_address"] = f"{nvs_address:#x}"
+    keys_plain = bytearray()
+    key_der = bytearray()
+    with st.use("credential.issue", master, subject={"device": mac}, detail=detail,
+                exports=["device_secrets"]) as outcome:
+        nvs_keys = bytearray()
+        derived: list[DerivedKey] = []
+        try:
+            key_der = bytearray(private.private_bytes(Encoding.DER, PrivateFormat.PKCS8,
+                                                      NoEncryption()))
+            del private
+            # the device key was made here, in memory: its export is its public fingerprint
+            outcome.setdefault("exported", []).append(
+                {"purpose": "device_key", "key_fp": key_fp, "why": "device_secrets"})
+            nvs_keys, nvs_keys_kcv = _nvs_keys(st, profile, outcome, fe_master, device,
+                                               derived)
+            nvs = build_nvs(x509_rows(settings, device, issued.der, key_der), nvs_keys,
+                            nvs_size)
+            keys_plain = nvs_keys_partition(nvs_keys)
+        finally:
+            wipe(key_der)
+            wipe(nvs_keys)
+            for d in derived:
+                d.destroy()
+        outcome["nvs_sha256"] = hashlib.sha256(nvs).hexdigest()
+    info: dict[str, Any] = {
+        "device": mac, "device_id": device_id(device), "chip": chip, "kind": "x509",
+        "serial": f"{issued.serial:x}", "cert_sha256": issued.sha256, "device_key_fp": key_fp,
+        "cert_der": issued.der.hex(), "nvs_keys_kcv": nvs_keys_kcv,
+        "nvs_size": f"{nvs_size:#x}", "nvs_sha256": hashlib.sha256(nvs).hexdigest(),
+    }
+    protected = _protect_nvs_keys(st, profile, keys_plain, the_chip, nvs_keys_address,
+                                  fe_master, device, info)
+    if nvs_address is not None:
+        info["nvs_address"] = f"{nvs_address:#x}"
+    if previous and not keep_previous:
+        revoked = ca.revoke(st, device=device, ca_dir=directory, only_serials=previous,
+                            reason="superseded by a new certificate")
+        info["revoked_previous"] = revoked["revoked"]
+    return DevicePartitions(nvs, protected, info)
 
 
 # -- checking a presented secret -----------------------------------------------------------------

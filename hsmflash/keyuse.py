@@ -59,19 +59,27 @@ _MGF = {32: MGF.SHA256, 48: MGF.SHA384}
 
 
 class TokenSigner:
-    """Signs host-computed digests with raw mechanisms (CKM_RSA_PKCS_PSS, CKM_ECDSA)."""
+    """Signs host-computed digests with raw mechanisms: CKM_ECDSA (r||s), and for RSA
+    CKM_RSA_PKCS_PSS (salt 32; Secure Boot, audit) or, with `rsa_padding="pkcs1v15"`,
+    CKM_RSA_PKCS over the DigestInfo (X.509 sha256WithRSAEncryption)."""
 
-    def __init__(self, key: TokenKey) -> None:
+    def __init__(self, key: TokenKey, rsa_padding: str = "pss") -> None:
         if key.type not in ("rsa-3072", "ec-p256", "ec-p384"):
             raise InputError(f"key {key.name!r} is {key.type}, not a signing key")
+        if rsa_padding not in ("pss", "pkcs1v15"):
+            raise InternalError(f"unknown RSA padding {rsa_padding!r}")
         self.algorithm: SignatureAlgorithm = key.type  # type: ignore[assignment]
         self._key = key
+        self._rsa_padding = rsa_padding
 
     def public_key(self) -> PublicKey:
         return self._key.public_key()
 
     def sign_digest(self, digest: bytes) -> bytes:
         try:
+            if self.algorithm == "rsa-3072" and self._rsa_padding == "pkcs1v15":
+                return bytes(self._key.primary.sign(_DIGEST_INFO[len(digest)] + digest,
+                                                    mechanism=Mechanism.RSA_PKCS))
             if self.algorithm == "rsa-3072":
                 return bytes(self._key.primary.sign(
                     digest, mechanism=Mechanism.RSA_PKCS_PSS,
@@ -80,6 +88,13 @@ class TokenSigner:
             return bytes(self._key.primary.sign(digest, mechanism=Mechanism.ECDSA))
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, f"signing with key {self._key.name!r}") from e
+
+
+# DER DigestInfo prefixes (RFC 8017, 9.2 note 1) for PKCS#1 v1.5 signatures
+_DIGEST_INFO = {
+    32: bytes.fromhex("3031300d060960864801650304020105000420"),  # SHA-256
+    48: bytes.fromhex("3041300d060960864801650304020205000430"),  # SHA-384
+}
 
 
 @dataclass
@@ -360,9 +375,9 @@ class KeyUse(MutableMapping[str, Any]):
         return self._key
 
     # -- key operations -----------------------------------------------------------------------
-    def signer(self) -> TokenSigner:
-        """The key as a digest signer (raw RSA-PSS / ECDSA in the token)."""
-        return TokenSigner(self._live_key("signing"))
+    def signer(self, rsa_padding: str = "pss") -> TokenSigner:
+        """The key as a digest signer (raw ECDSA; RSA-PSS, or PKCS#1 v1.5 for X.509)."""
+        return TokenSigner(self._live_key("signing"), rsa_padding)
 
     def cipher(self, part: int = 0) -> TokenCipher:
         """AES-ECB with the key (`part` 1 is an XTS key's tweak half)."""
@@ -422,6 +437,57 @@ class KeyUse(MutableMapping[str, Any]):
                 o.destroy()
             raise wrap_pkcs11(e, f"deriving {purpose} from {master.name!r}") from e
         return DerivedKey(device, purpose, objects)
+
+    def derived_hmac_sha256(self, device: bytes, purpose: str, messages: list[bytes],
+                            reason: str) -> list[bytearray]:
+        """HMAC-SHA256 of each message under the device's derived key K_D, in the token; the
+        use's key is the master. The results leave the token (they are keys the chip derives
+        itself, e.g. ESP-IDF's NVS keys from an HMAC_UP eFuse key), so `reason` must be an
+        export declared to `use(...)`; the outcome records K_D's KCV. The caller wipes them.
+
+        K_D (aes-ecb-v1, as `derive`) becomes a CKK_GENERIC_SECRET session object that can
+        only sign (CKM_SHA256_HMAC) and is destroyed at once.
+
+        Raises:
+            InternalError: an export not declared to `use(...)`.
+            InputError, TokenError: as `derive`; TokenError when the token refuses the
+                generic-secret derivation or CKM_SHA256_HMAC.
+        """
+        master = self._live_key("HMAC derivation")
+        if reason not in self._exports:
+            raise InternalError(f"export for {reason!r} was not declared to use()")
+        check_master(master)
+        check = self.derive(device, purpose)
+        try:
+            kcv = check.kcv
+        finally:
+            check.destroy()
+        blocks = kdf.derivation_blocks(device, purpose)
+        template = {
+            Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True, Attribute.VERIFY: False, Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False, Attribute.DERIVE: False, Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+        }
+        data = b"".join(blocks)
+        try:
+            obj = master.primary.derive_key(
+                KeyType.GENERIC_SECRET, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                mechanism_param=data, template=template)
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"deriving the {purpose} HMAC key from {master.name!r}") from e
+        no_core_dumps()
+        self._outcome.setdefault("exported", []).append(
+            {"purpose": purpose, "kcv": kcv, "why": reason, "what": "HMAC-SHA256 outputs"})
+        try:
+            return [bytearray(obj.sign(m, mechanism=Mechanism.SHA256_HMAC)) for m in messages]
+        except p11x.PKCS11Error as e:
+            raise wrap_pkcs11(e, f"HMAC-SHA256 with the derived {purpose} key") from e
+        finally:
+            try:
+                obj.destroy()
+            except p11x.PKCS11Error:
+                pass
 
     def export(self, derived: DerivedKey, reason: str) -> bytearray:
         """Read a derived key's bytes into memory (invariant 3); the caller must `wipe` it.

@@ -39,6 +39,10 @@ def check_key_name(name: str, where: str = "key name") -> None:
     if name.endswith(_RESERVED_SUFFIXES):
         raise InputError(f"{where} {name!r}: names ending in .k1/.k2 are reserved for the "
                          "halves of XTS keys")
+# NVS encryption key protection: the nvs_keys partition under flash encryption, or ESP-IDF's
+# CONFIG_NVS_SEC_KEY_PROTECT_USING_HMAC (an HMAC_UP eFuse key), on chips with an HMAC peripheral
+NVS_SCHEMES = ("nvs-keys", "hmac")
+HMAC_CHIPS = ("esp32s2", "esp32s3", "esp32c3", "esp32c5", "esp32c6", "esp32h2", "esp32p4")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class ChipProfile:
     images: dict[str, str] = field(default_factory=dict)
     # development only: image kinds ("bootloader", "app") written without a verified signature
     unsigned_images: tuple[str, ...] = ()
+    nvs_encryption: str = "nvs-keys"  # one of NVS_SCHEMES
+    nvs_hmac_key_block: str = "BLOCK_KEY5"  # hmac: CONFIG_NVS_SEC_HMAC_EFUSE_KEY_ID = 5
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,18 @@ class CredentialRules:
     nvs_address: int | None = None
     nvs_size: int = 0x6000
     nvs_keys_address: int | None = None
+    kind: str = "secret"  # what provisioning writes: "secret" (derived) or "x509"
+
+
+@dataclass(frozen=True)
+class CaRules:
+    """The device CA (`hsmflash ca ...`, `credentials issue --kind x509`, the CRL)."""
+
+    key: str = "device-ca"
+    subject: str = "CN={mac}"       # device certificate subject template
+    days: int = 3650                # device certificate validity
+    crl_days: int = 30              # CRL nextUpdate
+    dir: str = "hsmflash-ca"        # issued-certificate index and current CRL
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,7 @@ class Policy:
     credentials: CredentialRules | None = None
     # [token] allow_other_token: --token / HSMFLASH_TOKEN may name another token than label
     allow_other_token: bool = False
+    ca: CaRules | None = None
 
     # -- enforcement -----------------------------------------------------------------
     def check_token(self, label: str | None) -> None:
@@ -371,11 +390,15 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
                 raise cr.error(fname, f"{value:#x} is not 4 KiB aligned")
         if nvs_size < 0x3000 or nvs_size % 0x1000:
             raise cr.error("nvs_size", "must be a multiple of 4 KiB, at least 0x3000")
+        kind = cr.get("kind", str, "secret")
+        if kind not in ("secret", "x509"):
+            raise cr.error("kind", f"{kind!r} is not 'secret' or 'x509'")
         credentials = CredentialRules(
             master, rkey, cr.get("server_url", str, ""),
             cr.get("username_template", str, "{device_id}"), namespace, nvs_address, nvs_size,
-            nvs_keys_address)
+            nvs_keys_address, kind)
         cr.done()
+    ca = _parse_ca(top.get("ca", dict, None), keys, source)
 
     lim = _Fields(top.get("limits", dict, {}), "limits", source)
     limits = Limits(max_devices_per_batch=lim.get("max_devices_per_batch", int, 100_000))
@@ -392,8 +415,10 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
             )
     for chip_name, prof in chips.items():
         _check_consistency(chip_name, prof, credentials, source)
+    if credentials is not None and credentials.kind == "x509" and ca is None:
+        raise InputError(f"{source}: credentials.kind: 'x509' needs a [ca] table")
     return Policy(name, source, token_label, token_module, keys, chips, export, audit_key,
-                  limits, description, credentials, allow_other_token)
+                  limits, description, credentials, allow_other_token, ca)
 
 
 def _check_consistency(chip_name: str, prof: ChipProfile,
@@ -424,6 +449,41 @@ def _check_consistency(chip_name: str, prof: ChipProfile,
             if start <= addr < start + size:
                 raise InputError(f"{where}.images: image at {addr:#x} lies in the region "
                                  f"provisioning writes itself ({fname} {start:#x}+{size:#x})")
+
+
+# the attributes formats.x509.parse_name knows (tests/unit/test_x509_formats.py holds them
+# equal); checked here without importing cryptography's x509 on every command
+SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "ST", "L", "SERIALNUMBER", "DC")
+
+
+def _subject_template_problem(template: str) -> str:
+    filled = template.replace("{mac}", "m").replace("{device_id}", "d")
+    if "{" in filled or "}" in filled:
+        return "unknown placeholder (known: {mac}, {device_id})"
+    for part in filled.replace("\\,", "").split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip().upper() not in SUBJECT_ATTRIBUTES or not value.strip():
+            return (f"{part.strip()!r} is not ATTR=value with ATTR one of "
+                    f"{', '.join(SUBJECT_ATTRIBUTES)}")
+    return ""
+
+
+def _parse_ca(raw: Any, keys: dict[str, KeySpec], source: str) -> CaRules | None:
+    if raw is None:
+        return None
+    f = _Fields(raw, "ca", source)
+    key = f.get("key", str, "device-ca")
+    _need_key(f, "key", key, keys, ("ec-p256", "rsa-3072"), "sign")
+    rules = CaRules(key, f.get("subject", str, "CN={mac}"), f.get("days", int, 3650),
+                    f.get("crl_days", int, 30), f.get("dir", str, "hsmflash-ca"))
+    for name in ("days", "crl_days"):
+        if not 1 <= getattr(rules, name) <= 36500:
+            raise f.error(name, "must be 1 to 36500 days")
+    problem = _subject_template_problem(rules.subject)
+    if problem:
+        raise f.error("subject", f"{rules.subject!r}: {problem}")
+    f.done()
+    return rules
 
 
 def _need_key(f: _Fields, field_name: str, key: str, keys: dict[str, KeySpec],
@@ -541,6 +601,14 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
             raise f.error("revisions", f"P-384 Secure Boot on {chip_name} needs chip "
                           f"v{chip.sha384_min_revision}.0 or later (SECURE_BOOT_SHA384_EN); "
                           f"set revisions = [{chip.sha384_min_revision}, ...]")
+    nvs_scheme = f.get("nvs_encryption", str, "nvs-keys")
+    if nvs_scheme not in NVS_SCHEMES:
+        raise f.error("nvs_encryption", f"{nvs_scheme!r} is not one of {', '.join(NVS_SCHEMES)}")
+    if nvs_scheme == "hmac" and chip_name not in HMAC_CHIPS:
+        raise f.error("nvs_encryption", f"{chip_name} has no HMAC peripheral; use 'nvs-keys'")
+    hmac_block = f.get("nvs_hmac_key_block", str, "BLOCK_KEY5")
+    if nvs_scheme == "hmac" and hmac_block not in chip.key_blocks:
+        raise f.error("nvs_hmac_key_block", f"{hmac_block!r} is not a key block of {chip_name}")
     prof = ChipProfile(
         chip=chip_name,
         flash_encryption=fe,
@@ -556,6 +624,8 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         flash_size=flash_size,
         images=images,
         unsigned_images=unsigned,
+        nvs_encryption=nvs_scheme,
+        nvs_hmac_key_block=hmac_block,
     )
     if prof.readable_keys and prof.release_mode:
         raise f.error("readable_keys", "a release-mode profile must read-protect its keys")

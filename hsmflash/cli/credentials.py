@@ -1,4 +1,5 @@
-"""`hsmflash credentials ...`: issue, check and revoke per-device server credentials.
+"""`hsmflash credentials ...`: issue, check and revoke per-device server credentials (derived
+secrets and X.509 certificates: issue --kind x509, sign-csr, revoke, crl).
 
 Registered by `_cli` with `app.add_typer(credentials_app, name="credentials")`. `_cli` is imported
 lazily inside the commands so either module may be imported first.
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from hsmflash.credentials import CredentialSettings
 
 credentials_app = typer.Typer(
-    help="Per-device server credentials: derived in the token, written to the device's "
-         "encrypted NVS, checked by re-derivation, revoked through a signed list.",
+    help="Per-device server credentials, written to the device's encrypted NVS: a secret "
+         "derived in the token (checked by re-derivation, revoked through a signed list) or an "
+         "X.509 certificate from the device CA (revoked through its CRL).",
     no_args_is_help=True,
 )
 
@@ -74,21 +76,36 @@ def issue_cmd(
     server_url: Annotated[str | None, typer.Option(
         "--server-url", help="Server URL for the device (default: the policy's).")] = None,
     master: MasterOpt = None,
+    kind: Annotated[str, typer.Option(
+        "--kind", help="secret (derived credential) or x509 (a P-256 key and a certificate "
+        "from the device CA, as NVS blobs dev_key/dev_cert).")] = "secret",
+    cert_out: Annotated[Path | None, typer.Option(
+        "--cert-out", help="x509: also write the device certificate (PEM).")] = None,
+    keep_previous: Annotated[bool, typer.Option(
+        "--keep-previous", help="x509: do not revoke the device's earlier "
+        "certificates.")] = False,
+    ca_dir: Annotated[Path | None, typer.Option(
+        "--ca-dir", help="x509: CA index and CRL directory (default: the policy's "
+        "[ca] dir).")] = None,
 ) -> None:
     """Write a device's encrypted NVS partition (credential inside) and its nvs_keys partition.
 
     The credential and NVS keys leave the token only into these images (audited with KCVs);
     the nvs_keys image is encrypted with the device's flash-encryption key at its address.
+    With --kind x509 the NVS holds a device key made on the station and its certificate.
     """
     from hsmflash.credentials import (
         build_device_partitions,
+        build_x509_partitions,
         check_nvs_size,
         default_template,
         device_id,
         load_template,
     )
+    from hsmflash.errors import UsageError
     from hsmflash.fileio import atomic_write, check_output, parse_int
     from hsmflash.formats.kdf import parse_mac
+    from hsmflash.formats.x509 import pem
 
     c = _context(ctx)
     mac = parse_mac(device)
@@ -97,25 +114,55 @@ def issue_cmd(
     k_addr = parse_int(nvs_keys_address, "--nvs-keys-address")
     check_nvs_size(size)
     settings = _settings(c, master=master, server_url=server_url)
+    if kind not in ("secret", "x509"):
+        raise UsageError(f"--kind {kind!r}: one of secret, x509")
+    if kind == "x509" and template is not None:
+        raise UsageError("--template applies to --kind secret")
+    if kind == "secret" and (cert_out or keep_previous or ca_dir):
+        raise UsageError("--cert-out, --keep-previous and --ca-dir apply to --kind x509")
     tmpl = load_template(template) if template else default_template(settings)
     nvs_path = nvs_out or Path(f"nvs-{device_id(mac)}.bin")
     keys_path = nvs_keys_out or Path(f"nvs_keys-{device_id(mac)}.bin")
     check_output(nvs_path, "NVS partition")
     check_output(keys_path, "nvs_keys partition")
+    if cert_out is not None:
+        check_output(cert_out, "certificate")
     with c.station() as st:
-        parts = build_device_partitions(st, chip, mac, nvs_size=size, nvs_keys_address=k_addr,
-                                        nvs_address=n_addr, template=tmpl, settings=settings)
+        if kind == "x509":
+            parts = build_x509_partitions(st, chip, mac, nvs_size=size, nvs_keys_address=k_addr,
+                                          nvs_address=n_addr, settings=settings, ca_dir=ca_dir,
+                                          keep_previous=keep_previous)
+        else:
+            parts = build_device_partitions(st, chip, mac, nvs_size=size,
+                                            nvs_keys_address=k_addr, nvs_address=n_addr,
+                                            template=tmpl, settings=settings, kind="secret")
     atomic_write(nvs_path, parts.nvs, mode=0o600)
     try:
-        atomic_write(keys_path, parts.nvs_keys, mode=0o600)
+        if parts.nvs_keys:  # none with the HMAC scheme: the chip derives its NVS keys
+            atomic_write(keys_path, parts.nvs_keys, mode=0o600)
+        if cert_out is not None:
+            atomic_write(cert_out, pem(bytes.fromhex(parts.info["cert_der"]), "CERTIFICATE"))
     except BaseException:
         nvs_path.unlink(missing_ok=True)
+        keys_path.unlink(missing_ok=True)
         raise
-    info = {**parts.info, "nvs_out": str(nvs_path), "nvs_keys_out": str(keys_path)}
+    info = {**parts.info, "nvs_out": str(nvs_path)}
+    info.pop("cert_der", None)
+    if parts.nvs_keys:
+        info["nvs_keys_out"] = str(keys_path)
+    keys_line = (f"{keys_path} (nvs_keys at {info['nvs_keys_address']}, "
+                 f"{info['flash_encryption']})" if parts.nvs_keys else
+                 f"no nvs_keys partition: NVS keys from the HMAC_UP key in "
+                 f"{info.get('hmac_key_block')}")
+    if kind == "x509":
+        c.emit(info, f"{info['device']}: certificate serial {info['serial']} (sha256 "
+                     f"{info['cert_sha256'][:16]}...), key {info['device_key_fp'][:23]}...\n"
+                     f"  {nvs_path} (NVS at {info.get('nvs_address', '?')}, {info['nvs_size']})"
+                     f"\n  {keys_line}")
+        return
     c.emit(info, f"{info['device']}: credential kcv {info['credential_kcv']}, user "
                  f"{info['username']}\n  {nvs_path} (NVS at {info['nvs_address']}, "
-                 f"{info['nvs_size']})\n  {keys_path} (nvs_keys at {info['nvs_keys_address']}, "
-                 f"{info['flash_encryption']})")
+                 f"{info['nvs_size']})\n  {keys_line}")
 
 
 @credentials_app.command("check")
@@ -169,18 +216,30 @@ def check_cmd(
 @credentials_app.command("revoke")
 def revoke_cmd(
     ctx: typer.Context,
-    device: Annotated[str, typer.Argument(help="Device base MAC aa:bb:cc:dd:ee:ff.")],
-    list_file: Annotated[Path, typer.Option(
-        "--list", help="Revocation list file (created if missing).")],
+    device: Annotated[str | None, typer.Argument(help="Device base MAC aa:bb:cc:dd:ee:ff.")] = None,
+    list_file: Annotated[Path | None, typer.Option(
+        "--list", help="Derived credentials: the signed JSON revocation list (created if "
+        "missing). Without it, the device's certificates go into the CA's CRL.")] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (one line).")] = "",
     key: RevKeyOpt = None,
+    serial: Annotated[str | None, typer.Option(
+        "--serial", help="Certificates: revoke this serial (hex) instead of a device's.")] = None,
+    ca_dir: Annotated[Path | None, typer.Option(
+        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
 ) -> None:
-    """Add a device to the revocation list, signed in the token; its credential stops working."""
+    """Revoke a device: its derived credential (--list) or its certificates (the CRL)."""
     from hsmflash.credentials import revoke
+    from hsmflash.errors import UsageError
     from hsmflash.fileio import check_output
     from hsmflash.formats.kdf import format_mac, parse_mac
 
     c = _context(ctx)
+    if list_file is None:
+        _revoke_certs(c, device, serial, reason, ca_dir)
+        return
+    if device is None or serial is not None or ca_dir is not None:
+        raise UsageError("--list revokes a derived credential: give DEVICE, without --serial "
+                         "or --ca-dir")
     mac = parse_mac(device)
     check_output(list_file, "revocation list")
     settings = _settings(c, revocation_key=key)
@@ -190,6 +249,77 @@ def revoke_cmd(
             "revoked_count": len(lst.revoked)},
            f"revoked {format_mac(mac)}: {list_file} sequence {lst.sequence}, "
            f"{len(lst.revoked)} device(s) revoked")
+
+
+def _revoke_certs(c: Context, device: str | None, serial: str | None, reason: str,
+                  ca_dir: Path | None) -> None:
+    from hsmflash import ca
+    from hsmflash.errors import InputError, UsageError
+    from hsmflash.formats.kdf import parse_mac
+
+    if (device is None) == (serial is None):
+        raise UsageError("give a DEVICE or --serial HEX (not both)")
+    mac = parse_mac(device) if device is not None else None
+    number = None
+    if serial is not None:
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise InputError(f"--serial {serial!r} is not hexadecimal") from None
+    if len(reason) > 200 or any(not ch.isprintable() for ch in reason):
+        raise InputError("revocation reason must be one printable line of at most 200 "
+                         "characters")
+    with c.station() as st:
+        out = ca.revoke(st, device=mac, serial=number, ca_dir=ca_dir, reason=reason)
+    c.emit(out, f"revoked {', '.join(out['revoked'])}: CRL number {out['crl_number']} "
+                f"({out['revoked_count']} revoked) in {out['crl']}")
+
+
+@credentials_app.command("crl")
+def crl_cmd(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CRL here (PEM; .der: DER).")],
+    ca_dir: Annotated[Path | None, typer.Option(
+        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
+) -> None:
+    """Sign and write a fresh CRL (next CRL number, nextUpdate from the policy)."""
+    from hsmflash import ca
+    from hsmflash.fileio import atomic_write, check_output
+    from hsmflash.formats.x509 import pem
+
+    c = _context(ctx)
+    check_output(out, "CRL")
+    with c.station() as st:
+        der = ca.publish_crl(st, ca_dir=ca_dir)
+    atomic_write(out, der if out.suffix == ".der" else pem(der, "X509 CRL"))
+    c.emit({"out": str(out)}, f"CRL written to {out}")
+
+
+@credentials_app.command("sign-csr")
+def sign_csr_cmd(
+    ctx: typer.Context,
+    csr: Annotated[Path, typer.Argument(help="CSR made on the device (PEM or DER).")],
+    device: DeviceOpt,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Write the certificate (PEM).")],
+    ca_dir: Annotated[Path | None, typer.Option(
+        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
+) -> None:
+    """Issue a certificate for a device-made CSR, checked against the policy first."""
+    from hsmflash import ca
+    from hsmflash.fileio import atomic_write, check_output, read_input
+    from hsmflash.formats.kdf import parse_mac
+    from hsmflash.formats.x509 import pem
+
+    c = _context(ctx)
+    mac = parse_mac(device)
+    data = read_input(csr, "CSR")
+    check_output(out, "certificate")
+    with c.station() as st:
+        issued = ca.sign_csr(st, mac, data, str(csr), ca_dir=ca_dir)
+    atomic_write(out, pem(issued.der, "CERTIFICATE"))
+    c.emit({"device": issued.device, "serial": f"{issued.serial:x}",
+            "cert_sha256": issued.sha256, "out": str(out)},
+           f"{issued.device}: certificate serial {issued.serial:x}\n  {out}")
 
 
 @credentials_app.command("revoked")

@@ -1245,7 +1245,7 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         new = os.fstat(fd).st_size == 0
         if path.suffix == ".csv":
             cols = ["time", "mac", "chip", "revision", "fe_kcv", "sb_kcv", "images", "result",
-                    "error", "seconds"]
+                    "error", "seconds", "cert_serial", "cert_sha256"]
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=cols)
             if new:
@@ -1381,6 +1381,9 @@ def provision_cmd(
 from hsmflash.cli.credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
+from hsmflash.cli.ca import ca_app  # noqa: E402
+
+app.add_typer(ca_app, name="ca")
 
 
 @app.command("flash")

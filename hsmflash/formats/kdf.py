@@ -26,6 +26,7 @@ PURPOSES: dict[str, int] = {
     "SECURE_BOOT_V1": 32,
     "NVS_KEYS": 64,
     "CREDENTIAL": 32,
+    "NVS_HMAC_UP": 32,  # the eFuse HMAC_UP key from which the chip derives its NVS keys
 }
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-]?)[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}$")
 

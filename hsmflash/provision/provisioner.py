@@ -131,6 +131,9 @@ class Plan:
     # (block, purpose, what)
     sb_burns: list[tuple[str, str | None, str]] = field(default_factory=list)
     sb_kcv: str = ""
+    # NVS keys the ESP-IDF 6 way: the HMAC_UP key block to burn (None: nothing to burn)
+    hmac_burn: str | None = None
+    hmac_kcv: str = ""
     read_protect_keys: bool = True
     flash: list[FlashWrite] = field(default_factory=list)
     enable_fields: dict[str, int] = field(default_factory=dict)
@@ -146,6 +149,7 @@ class Plan:
             "fe_kcv": self.fe_kcv, "fe_state": self.fe_state, "secure_boot": self.secure_boot,
             "sb_blocks": [{"block": b, "purpose": p, "what": w} for b, p, w in self.sb_burns],
             "read_protect_keys": self.read_protect_keys,
+            "hmac_up": {"block": self.hmac_burn, "kcv": self.hmac_kcv} if self.hmac_kcv else None,
             "flash": [{"address": f"{w.address:#x}", "source": w.source, "length": w.length,
                        "plaintext_sha256": w.plaintext_sha256, "status": w.status}
                       for w in self.flash],
@@ -167,12 +171,15 @@ class DeviceResult:
     seconds: float = 0.0
     error: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
+    cert_serial: str = ""  # credentials kind x509: the device certificate written to NVS
+    cert_sha256: str = ""
 
     def manifest_row(self) -> dict[str, Any]:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mac": self.mac,
                 "chip": self.chip, "revision": self.revision, "fe_kcv": self.fe_kcv,
                 "sb_kcv": self.sb_kcv, "images": self.images, "result": self.result,
-                "error": self.error, "seconds": round(self.seconds, 3)}
+                "error": self.error, "seconds": round(self.seconds, 3),
+                "cert_serial": self.cert_serial, "cert_sha256": self.cert_sha256}
 
 
 def _sw_kcv(key: bytes) -> str:
@@ -208,6 +215,7 @@ class Provisioner:
         self.profile: ChipProfile = policy.profile(chip.name)
         self.images = images
         self.progress = progress or (lambda _msg: None)
+        self.issued_certs: dict[str, tuple[str, str]] = {}  # mac -> (serial, cert sha256)
         self.master = st.key(self.profile.derive_master)
         self._handle: KeyUse | None = None  # the open audited step's key handle
         self._check_static()
@@ -357,9 +365,36 @@ class Provisioner:
                 plan.sb_kcv = ",".join(secureboot.sbv2_public_key_digest(p).hex()[:16]
                                        for p in self.sb_public)
 
+        if prof.nvs_encryption == "hmac":
+            self._plan_hmac_key(device, state, plan, mac)
         self._plan_flash(plan, mac)
         self._plan_fields(plan, state, release)
         return plan
+
+    def _plan_hmac_key(self, device: Device, state: hz.EfuseState, plan: Plan,
+                       mac: bytes) -> None:
+        """The NVS HMAC_UP key (always read-protected): burn it unless it is complete."""
+        block = self.profile.nvs_hmac_key_block
+        if block in {b for b, _ in plan.fe_blocks} | {b for b, _, _ in plan.sb_burns}:
+            raise InputError(f"policy {self.policy.name!r}: nvs_hmac_key_block {block} is "
+                             "also used for flash encryption or Secure Boot")
+        d = self._derive(mac, "NVS_HMAC_UP", "plan")
+        try:
+            plan.hmac_kcv = d.kcv
+        finally:
+            d.destroy()
+        blk = state.key_blocks[block]
+        if blk.used and blk.purpose not in ("HMAC_UP", "USER"):
+            raise DeviceError(f"{block} has key purpose {blk.purpose}, policy needs HMAC_UP "
+                              "for NVS: device was provisioned differently")
+        if not blk.read_protected and any(blk.data):
+            key = hz.stored_key_order(device, block, "HMAC_UP", bytes(blk.data))
+            if _sw_kcv(key) != plan.hmac_kcv:
+                raise DeviceError(f"{block} already holds a different HMAC key: device was "
+                                  "provisioned with another master key or policy")
+        if not (blk.purpose == "HMAC_UP" and blk.read_protected and blk.write_protected
+                and blk.purpose_write_protected):
+            plan.hmac_burn = block
 
     def _derive(self, mac: bytes, purpose: str, why: str, *,
                 exportable: bool = False) -> DerivedKey:
@@ -451,7 +486,9 @@ class Provisioner:
     def _credentials(self) -> Any:
         """The policy's credential partitions, when it asks provisioning to write them."""
         cred = self.policy.credentials
-        if cred is None or cred.nvs_address is None or cred.nvs_keys_address is None:
+        if cred is None or cred.nvs_address is None:
+            return None
+        if cred.nvs_keys_address is None and self.profile.nvs_encryption != "hmac":
             return None
         return cred
 
@@ -468,7 +505,8 @@ class Provisioner:
         if cred is not None:
             plan.flash.append(FlashWrite(cred.nvs_address, "nvs (credentials)", "",
                                          cred.nvs_size))
-            plan.flash.append(FlashWrite(cred.nvs_keys_address, "nvs_keys", "", 0x1000))
+            if self.profile.nvs_encryption != "hmac":  # hmac: the chip derives its NVS keys
+                plan.flash.append(FlashWrite(cred.nvs_keys_address, "nvs_keys", "", 0x1000))
 
     def _plan_fields(self, plan: Plan, state: hz.EfuseState, release: bool) -> None:
         prof = self.profile
@@ -544,6 +582,7 @@ class Provisioner:
 
         self._burn_keys(device, mac, plan, subject, result)
         self._write_flash(device, mac, plan, subject)
+        result.cert_serial, result.cert_sha256 = self.issued_certs.pop(mac_text, ("", ""))
         self._verify(device, mac, plan, subject)
         self._enable(device, plan, subject, result)
         self._final_check(device, plan)
@@ -569,17 +608,19 @@ class Provisioner:
         burns: list[hz.KeyBurn] = []
         secrets: list[bytearray] = []
         rp = plan.read_protect_keys
-        if plan.fe_state == "in-place-unverified" and not plan.sb_burns:
+        if plan.fe_state == "in-place-unverified" and not plan.sb_burns and not plan.hmac_burn:
             return
         need_fe = plan.fe_state == "burn"
         need_sbv1 = any(p is None and b == "BLOCK2" for b, p, _ in plan.sb_burns)
-        if not need_fe and not plan.sb_burns:
+        if not need_fe and not plan.sb_burns and not plan.hmac_burn:
             return
         self.progress(f"{plan.mac}: burning keys")
         with self._step("burn-keys", subject, {"blocks": [b for b, _ in plan.fe_blocks]
-                                                + [b for b, _, _ in plan.sb_burns]},
+                                                + [b for b, _, _ in plan.sb_burns]
+                                                + ([plan.hmac_burn] if plan.hmac_burn else [])},
                         key_used=True,
-                        exports=["efuse_burn"] if need_fe or need_sbv1 else []) as out:
+                        exports=["efuse_burn"] if need_fe or need_sbv1 or plan.hmac_burn
+                        else []) as out:
             try:
                 if need_fe:
                     d = self._derive(mac, plan.fe_purpose, "burn", exportable=True)
@@ -608,6 +649,14 @@ class Provisioner:
                         index = int(str(purpose)[-1])
                         digest = secureboot.sbv2_public_key_digest(self.sb_public[index])
                         burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
+                if plan.hmac_burn:
+                    d = self._derive(mac, "NVS_HMAC_UP", "burn", exportable=True)
+                    try:
+                        hkey = out.export(d, "efuse_burn")
+                        secrets.append(hkey)
+                    finally:
+                        d.destroy()
+                    burns.append(hz.KeyBurn(plan.hmac_burn, bytes(hkey), "HMAC_UP", True))
                 report = hz.burn(device, keys=burns, confirm=True)
             finally:
                 for s in secrets:
@@ -674,9 +723,14 @@ class Provisioner:
 
             parts = build_device_partitions(
                 self.st, self.chip.name, mac, nvs_size=cred.nvs_size,
-                nvs_keys_address=cred.nvs_keys_address, nvs_address=cred.nvs_address)
-            plan.flash[-2].ciphertext = parts.nvs
-            plan.flash[-1].ciphertext = parts.nvs_keys
+                nvs_keys_address=cred.nvs_keys_address or 0, nvs_address=cred.nvs_address)
+            if parts.nvs_keys:
+                plan.flash[-2].ciphertext = parts.nvs
+                plan.flash[-1].ciphertext = parts.nvs_keys
+            else:
+                plan.flash[-1].ciphertext = parts.nvs
+            self.issued_certs[kdf.format_mac(mac)] = (parts.info.get("serial", ""),
+                                                      parts.info.get("cert_sha256", ""))
         with self._step("encrypt", subject, {"images": len(self.images), "path": path},
                         key_used=True, exports=self._crypt_exports) as out:
             for img, write in zip(self.images, plan.flash, strict=False):
