@@ -1217,6 +1217,11 @@ from hsmflash.cli.credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
 
+# the MicroPython app (signed app images, boot verifier), likewise
+from hsmflash.cli.app import app_app  # noqa: E402
+
+app.add_typer(app_app, name="app")
+
 
 @app.command("flash")
 def flash_cmd(

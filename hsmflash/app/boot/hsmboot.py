@@ -119,13 +119,13 @@ def verify(read, size, n, e, min_version, mpy_version=None):
     `read(offset, length)` (4 KiB-aligned offsets). Returns (app version, ROMFS length).
     Raises BootError naming the first problem."""
     if size < 3 * SECTOR:
-        raise BootError("romfs partition too small for a signed app image")
+        raise BootError("app image truncated (or romfs partition too small): %d bytes" % size)
     head = read(0, SECTOR)
     length = romfs_length(head)
     padded = (length + SECTOR - 1) // SECTOR * SECTOR
     if padded + 2 * SECTOR > size:
-        raise BootError("app image (ROMFS %d bytes) runs past the partition (%d bytes)"
-                        % (length, size))
+        raise BootError("app image truncated: ROMFS of %d bytes, descriptor and signature "
+                        "need %d bytes, the partition has %d" % (length, padded + 2 * SECTOR, size))
     desc = read(padded, SECTOR)
     if len(desc) != SECTOR or bytes(desc[:6]) != MAGIC:
         raise BootError("no hsmflash-app-v1 descriptor after the ROMFS image")
@@ -252,6 +252,12 @@ class PycomFile:
 
     def lock_console(self):
         lock_console()
+        try:  # Pycom's Telnet and FTP servers (default logins)
+            import network
+
+            network.Server().deinit()
+        except (ImportError, AttributeError, OSError):
+            pass
 
     def reset(self, reason):
         print("hsmboot: reset:", reason)
