@@ -28,6 +28,7 @@ import hsmboot, vfs
 
 class BytesPartition:
     # TEST DOUBLE at the hardware boundary: a romfs partition held in RAM
+    frozen_path = ['.frozen']
     import_path = ['.frozen', '/rom', '/rom/lib']
 
     def __init__(self, path, size=None):
@@ -54,7 +55,10 @@ class BytesPartition:
 
 
 class PycomDouble(hsmboot.PycomFile):
-    # the Pycom seam as shipped, but machine.reset() recorded (the unix port has none)
+    # the Pycom seam as shipped, but machine.reset() recorded (the unix port has none) and
+    # the working directory before the mount in /input (WASI cannot enter "/")
+    root = '/input'
+
     def reset(self, reason):
         print('RESET:', reason)
 """

@@ -63,6 +63,16 @@ _ENTRY = {
         "# _boot.py (hsmflash): the firmware runs this first. Verify the signed app in the\n"
         "# `romfs` partition, run it, reset on any failure: boot.py, main.py and the REPL\n"
         "# are never reached.\n"
+        "import sys\n\n"
+        "# First of all, before any other import: only frozen code is importable. MicroPython\n"
+        "# >= 1.25 mounts the (not yet verified) ROMFS at /rom at start-up, and a /rom ahead of\n"
+        "# .frozen in sys.path would let an hsmboot.mpy in it replace this verifier.\n"
+        'sys.path[:] = [".frozen"]\n'
+        "import vfs\n\n"
+        "try:\n"
+        '    vfs.umount("/rom")\n'
+        "except OSError:\n"
+        "    pass\n"
         "import hsmboot\n\n"
         'hsmboot.main("upstream")\n'
     ),

@@ -12,10 +12,9 @@
 
 import sys
 
-try:
-    import hashlib
-except ImportError:  # MicroPython 1.11 without weak links
-    import uhashlib as hashlib
+# "u" names always resolve to the built-in module; a plain `hashlib`, `os` or `io` could be a
+# file on the filesystem (MicroPython 1.11 weak links, extensible built-ins today)
+import uhashlib as hashlib
 
 MAGIC = b"HFAPP\x01"
 ROMFS_MAGIC = b"\xd2\xcd\x31"
@@ -175,6 +174,7 @@ class Esp32:
     """Upstream MicroPython (>= 1.25) on ESP32 chips: the `romfs` data partition, read through
     the MMU (decrypted when flash encryption is on), mounted with vfs.VfsRom."""
 
+    frozen_path = [".frozen"]
     import_path = [".frozen", "/rom", "/rom/lib"]
 
     def __init__(self, label="romfs"):
@@ -223,13 +223,17 @@ class PycomFile:
     signed image is read from a file (default /flash/app.img), verified, held in RAM and served
     by `RomUserFS`, a read-only user filesystem over the verified bytes."""
 
-    import_path = ["", "/rom/lib"]  # 1.11 finds frozen modules through ""; cwd is /rom
+    # 1.11 has no ".frozen" entry: it looks for frozen modules first under each entry, so ""
+    # finds them (and, after the mount, cwd /rom the app)
+    frozen_path = [""]
+    import_path = ["", "/rom/lib"]
+    root = "/"
 
     def __init__(self, path="/flash/app.img"):
-        import os
+        import uos
 
         try:
-            self._size = os.stat(path)[6]
+            self._size = uos.stat(path)[6]
         except OSError:
             raise BootError("app image %s not found" % path)
         self.path = path
@@ -245,12 +249,15 @@ class PycomFile:
         return memoryview(self.data)[offset:offset + length]
 
     def mount(self, length):
-        import os
+        import uos
 
-        os.mount(RomUserFS(memoryview(self.data)[:length]), "/rom")
-        os.chdir("/rom")
+        uos.mount(RomUserFS(memoryview(self.data)[:length]), "/rom")
+        uos.chdir("/rom")
 
     def lock_console(self):
+        import uos
+
+        uos.chdir(self.root)  # "" in sys.path must not reach /flash; /rom once mounted
         lock_console()
         try:  # Pycom's Telnet and FTP servers (default logins)
             import network
@@ -271,10 +278,10 @@ def lock_console():
 
     micropython.kbd_intr(-1)  # Ctrl-C no longer interrupts the app
     try:
-        import os
+        import uos
 
         for index in range(2):  # detach duplicated terminals (WebREPL, Telnet) where allowed
-            os.dupterm(None, index)
+            uos.dupterm(None, index)
     except (AttributeError, TypeError, ValueError, OSError):
         pass  # this firmware has no dupterm; the REPL is closed by its build config
 
@@ -365,16 +372,17 @@ class RomUserFS:
     def open(self, path, mode):
         if "w" in mode or "a" in mode or "+" in mode:
             raise OSError(30)  # EROFS
-        import io
+        import uio
 
         node = self._find(path)
         if isinstance(node, dict):
             raise OSError(21)  # EISDIR
         data = bytes(node)
-        return io.BytesIO(data) if "b" in mode else io.StringIO(str(data, "utf-8"))
+        return uio.BytesIO(data) if "b" in mode else uio.StringIO(str(data, "utf-8"))
 
 
 def _run(hw, n, e, min_version):
+    sys.path[:] = hw.frozen_path  # nothing outside the firmware is importable until verified
     hw.lock_console()
     version, length = verify(hw.read, hw.size(), n, e, min_version, firmware_mpy_version())
     hw.mount(length)
