@@ -253,3 +253,16 @@ def test_bad_input_is_refused_before_the_key_is_used(cli, tmp_path, rsa_key):  #
     r = cli("app", "bootcode", "--key", ec, "-o", tmp_path / "boot")
     assert r.code == 3 and "not RSA-3072" in r.err, r.output
     assert not (tmp_path / "boot").exists()
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+def test_unwritable_output_is_refused_before_key_use(cli, tmp_path, rsa_key, where):  # type: ignore[no-untyped-def]
+    key, _ = rsa_key
+    src = write_app(tmp_path / "src")
+    out = tmp_path / "no-such-dir" / "app.img" if where == "missing directory" else tmp_path
+    r = cli("app", "build", src, "-o", out, "--key", key)
+    assert r.code == 3, r.output
+    assert str(out) in r.err and len(r.err.strip().splitlines()) == 1
+    assert ("app.sign", "intent") not in audit_ops(tmp_path)
+    r = cli("app", "bootcode", "--key", key, "-o", tmp_path / "no-such-dir" / "boot")
+    assert r.code == 3 and "does not exist" in r.err, r.output
