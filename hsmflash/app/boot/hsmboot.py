@@ -88,7 +88,9 @@ def pss_verify(n, e, digest, s):
 
 
 def _check_blocks(sector, n, e, digest):
-    # SBv2 RSA block: magic E7, version 02, 2 pad, 32-byte digest, n (LE), e, R^2 mod n, n', sig
+    # SBv2 RSA block: magic E7, version 02, 2 pad, 32-byte digest, n (LE), e, R^2 mod n, n', sig.
+    # The block CRC is not checked: it guards against flash errors, and the fields that matter
+    # (key material compared byte for byte, digest, signature) are checked themselves.
     n_le = n.to_bytes(RSA_LEN, "little")
     seen = []
     for k in range(3):
