@@ -1385,6 +1385,11 @@ from hsmflash.cli.ca import ca_app  # noqa: E402
 
 app.add_typer(ca_app, name="ca")
 
+# the MicroPython app (signed app images, boot verifier), likewise
+from hsmflash.cli.app import app_app  # noqa: E402
+
+app.add_typer(app_app, name="app")
+
 
 @app.command("flash")
 def flash_cmd(
