@@ -272,7 +272,7 @@ def build_app(st: Station, src_dir: Path, key: TokenKey, *, app_version: int,
     with st.use("app.sign", key, subject={"romfs_sha256": romfs_sha, "source": str(src_dir)},
                 detail={"format": appimage.FORMAT, "app_version": app_version,
                         "mpy_version": mpy_version}) as outcome:
-        signed = appimage.sign_app_image(content, st.signer(key), "app image")
+        signed = appimage.sign_app_image(content, outcome.signer(), "app image")
         out_sha = hashlib.sha256(signed).hexdigest()
         outcome.update({"output_sha256": out_sha})
     summary = {

@@ -76,7 +76,7 @@ def verify_cmd(
     """Verify an app image without a token: signature, ROMFS digest, version (exit 6 if not)."""
     from hsmflash.fileio import read_input
     from hsmflash.formats.appimage import verify_app_image
-    from hsmflash.sign import load_public_key
+    from hsmflash.formats.primitives import load_public_key
 
     c = _context(ctx)
     pub = load_public_key(read_input(pubkey, "public key"), str(pubkey))
@@ -105,7 +105,7 @@ def bootcode_cmd(
     from hsmflash.app.bootcode import make_bootcode
     from hsmflash.errors import InputError, UsageError
     from hsmflash.fileio import atomic_write, read_input
-    from hsmflash.sign import load_public_key
+    from hsmflash.formats.primitives import load_public_key
     from hsmflash.token.keys import find_key
     from hsmflash.token.session import KeyRef, open_session
 
