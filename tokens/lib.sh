@@ -79,3 +79,22 @@ stop_pid() {
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 multiarch() { dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu; }
+
+# wait_while TIMEOUT_S WHAT CMD... -- poll until CMD fails (another run holds a machine-wide
+# resource: the NSS registration, openCryptoki's one configuration); give up after TIMEOUT_S
+wait_while() {
+  local timeout=$1 what=$2; shift 2
+  local deadline=$((SECONDS + timeout)) said=
+  while "$@"; do
+    [ $SECONDS -lt $deadline ] || die "$what still in use after ${timeout}s; stop it first"
+    [ -n "$said" ] || { echo "== waiting: $what is in use by another run" >&2; said=1; }
+    sleep 1
+  done
+}
+
+# machine_lock NAME -- hold an exclusive lock (fd 9) until this script exits
+machine_lock() {
+  local dir=/run/lock; [ -w "$dir" ] || dir=${TMPDIR:-/tmp}
+  exec 9>"$dir/hsmflash-$1.lock"
+  flock 9
+}

@@ -24,21 +24,17 @@ start)
     certutil -N -d "sql:$dir/db" -f "$dir/user.pin" >/dev/null
   fi
   as_root mkdir -p /etc/pkcs11/modules
-  # p11-kit loads libsoftokn3 once per process: one NSS database can be registered at a time.
-  # A registration whose database is gone is stale and removed; a live one is refused.
+  # p11-kit loads libsoftokn3 once per process: one NSS database can be registered at a time,
+  # machine-wide. A registration whose database is gone is stale and removed; a live one (a
+  # concurrent run) is waited for (HSMFLASH_TOKEN_WAIT seconds, default 900).
+  machine_lock nss
   for other in /etc/pkcs11/modules/hsmflash-nss-*.module; do
     [ -e "$other" ] && [ "$other" != "$modfile" ] || continue
-    odb=$(sed -n "s/^x-init-reserved: configdir='sql:\([^']*\)'.*/\1/p" "$other")
-    if [ -n "$odb" ] && [ -f "$odb/key4.db" ]; then
-      die "another NSS token is registered ($other, database $odb): stop it first (p11-kit loads softokn once per process)"
-    fi
+    odb=$(sed -n "s/^x-init-reserved: configdir='sql:\\([^']*\\)'.*/\\1/p" "$other")
+    live() { [ -e "$other" ] && [ -n "$odb" ] && [ -f "$odb/key4.db" ]; }
+    wait_while "${HSMFLASH_TOKEN_WAIT:-900}" "NSS registration $other ($odb)" live
     as_root rm -f "$other"
   done
-  # keep tpm2-pkcs11 (if installed) out of the proxy: without a TPM it prints TCTI errors
-  if [ -e "/usr/lib/$ma/pkcs11/libtpm2_pkcs11.so" ] && [ ! -e /etc/pkcs11/modules/tpm2_pkcs11.module ]; then
-    printf 'module: libtpm2_pkcs11.so\ncritical: no\ndisable-in: p11-kit-proxy\n' \
-      | as_root tee /etc/pkcs11/modules/tpm2_pkcs11.module >/dev/null
-  fi
   tmp=$(mktemp)
   cat >"$tmp" <<MOD
 # hsmflash tokens/nss.sh for $dir (removed by: tokens/nss.sh stop $dir)

@@ -23,6 +23,14 @@ case $cmd in
 start)
   need_pkgs pkcsslotd:opencryptoki "$module:opencryptoki"
   new_pin "$dir/so.pin" 8; new_pin "$dir/user.pin" 8
+  # one global configuration and token path: a concurrent run's token is waited for
+  # (HSMFLASH_TOKEN_WAIT seconds, default 900)
+  machine_lock opencryptoki
+  held() {
+    local t; t=$(readlink "$store" 2>/dev/null) || return 1
+    [ "$t" != "$dir/tok" ] && [ -d "$t" ]
+  }
+  wait_while "${HSMFLASH_TOKEN_WAIT:-900}" "openCryptoki token $store" held
   mkdir -p "$dir/tok/TOK_OBJ"
   chgrp -R pkcs11 "$dir" 2>/dev/null || true; chmod 770 "$dir" "$dir/tok" "$dir/tok/TOK_OBJ"
   if [ "$(readlink "$store" 2>/dev/null)" != "$dir/tok" ]; then

@@ -461,6 +461,14 @@ def import_key(
         else:
             private = _load_private_pem(material, key_type, source)
             _create_private(session, name, object_id(name), key_type, private)
+    except (p11x.AttributeValueInvalid, p11x.TemplateInconsistent,
+            p11x.FunctionNotSupported) as e:
+        if key_type not in _AES_BITS:
+            raise wrap_pkcs11(e, f"importing {key_type} key {name!r}") from e
+        raise TokenError(
+            f"importing {key_type} key {name!r}: the token refuses secret-key import "
+            f"({type(e).__name__}; missing capability aes_import, see `hsmflash token info`); "
+            "use a token that imports AES keys for this key") from e
     except p11x.PKCS11Error as e:
         raise wrap_pkcs11(e, f"importing {key_type} key {name!r}") from e
     return find_key(session, name)

@@ -189,6 +189,11 @@ def test_keys_create_for_what_the_token_can_do(token: Token) -> None:
             assert len(k["kcv"].split("/")) == 2
             assert "?" not in k["kcv"] and k["kcv"].split("/")[0] != k["kcv"].split("/")[1]
     assert token.run("keys", "create", policy=policy).returncode == 0  # idempotent
+    if not token.caps["aes_import"]:
+        raw = token.workdir / "aes.key"
+        raw.write_bytes(os.urandom(32))
+        r = token.run("keys", "import", f"mx{tag}-imp", "--type", "aes-256", "--file", raw)
+        assert r.returncode == 4 and "aes_import" in r.stderr, r.stderr
     # a type the token cannot make is refused naming the capability
     for key_type, cap in wanted.items():
         if not token.caps[cap]:
