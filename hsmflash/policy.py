@@ -51,6 +51,7 @@ class ChipProfile:
     revisions: tuple[int, ...] = ()
     flash_size: int = 4 * 1024 * 1024
     images: dict[str, str] = field(default_factory=dict)
+    min_secure_version: int = 0  # anti-rollback: apps below this secure_version are refused
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,9 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
             raise f.error("images", f"image for {addr} must be a file name")
         images[addr] = img
     flash_size = f.get("flash_size", int, 4 * 1024 * 1024)
+    min_secure_version = f.get("min_secure_version", int, 0)
+    if not 0 <= min_secure_version <= 0xFFFF:
+        raise f.error("min_secure_version", "must be 0..65535")
     prof = ChipProfile(
         chip=chip_name,
         flash_encryption=fe,
@@ -426,6 +430,7 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         revisions=revisions,
         flash_size=flash_size,
         images=images,
+        min_secure_version=min_secure_version,
     )
     if prof.readable_keys and prof.release_mode:
         raise f.error("readable_keys", "a release-mode profile must read-protect its keys")

@@ -1018,7 +1018,11 @@ ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="ADDR=FILE to write encrypted (repeat); default: the policy's images.")]
 ManifestOpt = Annotated[str | None, typer.Option(
     "--manifest", help="Append one record per device (.csv, else JSON Lines).")]
-BaudOpt = Annotated[int, typer.Option("--baud", help="Serial baud rate.")]
+BaudOpt = Annotated[int, typer.Option(
+    "--baud", help="Serial baud rate after connecting at 115200 (falls back to 115200 when "
+    "the change fails).")]
+NoStubOpt = Annotated[bool, typer.Option(
+    "--no-stub", help="Use the chip's ROM loader only, not esptool's flasher stub (slower).")]
 
 
 def _device_specs(ports: list[str] | None, efuses: list[str] | None,
@@ -1102,7 +1106,8 @@ class _Table:
 
 
 def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
-                 images: list[Any], dry_run: bool, manifest: str | None) -> list[Any]:
+                 images: list[Any], dry_run: bool, manifest: str | None, *, stub: bool = True,
+                 device_mac: str | None = None) -> list[Any]:
     """Provision or re-flash each device; several run in parallel worker processes."""
     from hsmflash.provision.pool import DeviceJob, run_jobs
 
@@ -1114,7 +1119,8 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
                       pin=pin, images=images, dry_run=dry_run, port=s.get("port"),
                       efuse_file=str(s["efuse_file"]) if s.get("efuse_file") else None,
                       flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
-                      baud=baud, debug=c.debug)
+                      baud=baud, stub=stub, device_mac=device_mac,
+                      manifest=manifest if kind == "flash" else None, debug=c.debug)
             for s in specs]
     results = run_jobs(jobs, table.update)
     for spec, r in zip(specs, results, strict=True):
@@ -1136,7 +1142,7 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
 def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | None,
                     virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
                     image: list[str] | None, dry_run: bool, manifest: str | None,
-                    baud: int) -> None:
+                    baud: int, *, stub: bool = True, device_mac: str | None = None) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
@@ -1155,7 +1161,8 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
     worker = Reflasher if kind == "flash" else Provisioner
     with c.station() as st:
         worker(st, st.policy, get_chip(chip), images)
-    results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest)
+    results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest, stub=stub,
+                           device_mac=device_mac)
     _finish_devices(c, specs, results)
 
 
@@ -1179,6 +1186,8 @@ def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any])
             extra = f", burned {len(r.burned)} eFuse(s)" if getattr(r, "burned", None) else ""
             typer.echo(f"{r.mac} {r.chip} {r.revision}: {r.result} (fe kcv {r.fe_kcv}"
                        f"{extra}, {r.seconds:.1f}s)")
+            for note in getattr(r, "notes", []):
+                typer.echo(f"  note: {note}")
 
     c.emit(data, human)
     if failures:
@@ -1200,7 +1209,8 @@ def provision_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch "
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
-    baud: BaudOpt = 460800,
+    baud: BaudOpt = 921600,
+    no_stub: NoStubOpt = False,
 ) -> None:
     """Turn blank chips into locked devices: per-device keys burned, Secure Boot enabled,
     images encrypted for each device, debug and download paths closed as the policy says.
@@ -1209,7 +1219,7 @@ def provision_cmd(
     reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
     """
     _device_command(ctx, "provision", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, stub=not no_stub)
 
 
 # per-device credentials live in their own module; registered here, at the edge
@@ -1229,7 +1239,11 @@ def flash_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and plan; write "
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
-    baud: BaudOpt = 460800,
+    baud: BaudOpt = 921600,
+    no_stub: NoStubOpt = False,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="The device's MAC, for a chip in Secure Download Mode (its MAC "
+        "cannot be read); checked against --manifest when that file exists.")] = None,
 ) -> None:
     """Re-flash provisioned devices (field update, RMA): each device's key is re-derived in the
     token from the MAC it reports; no key files exist anywhere.
@@ -1237,11 +1251,17 @@ def flash_cmd(
     Refused before writing when the device was provisioned under another master key or
     policy, an image is not signed by a key the device holds, or an address is outside the
     device's encrypted partitions. Never writes eFuses. Re-run to complete an interrupted write.
+
+    In Secure Download Mode (production policies end there) the chip allows writes only: name
+    it with --device MAC; every region is rewritten whole and nothing can be read back or
+    verified, which the output says.
     """
     if not image:
         raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
+    if device is not None and len(port or []) + len(virtual_efuses or []) != 1:
+        raise UsageError("--device names one device: give exactly one --port")
     _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, stub=not no_stub, device_mac=device)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

@@ -164,6 +164,8 @@ class DeviceResult:
     seconds: float = 0.0
     error: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
+    verified: bool = True  # False: written in Secure Download Mode, nothing could be read back
+    notes: list[str] = field(default_factory=list)  # e.g. a baud fallback
 
     def manifest_row(self) -> dict[str, Any]:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mac": self.mac,
