@@ -253,6 +253,7 @@ class FakeRomLoader:
         self.wire_bytes = 0
         self.garbled_frames = 0
         self.stub = False  # esptool's flasher stub is running
+        self.halted = False  # code other than the stub was started from RAM
         self.secure_download = False  # read from the eFuse at start(), as the ROM at reset
         self._ram: dict[int, bytearray] = {}
         self._mem: tuple[int, int] | None = None  # (address, bytes received) of a MEM_BEGIN
@@ -290,7 +291,7 @@ class FakeRomLoader:
     def start(self) -> FakeRomLoader:
         """Open the pty and start serving; ``port`` then names the device to give esptool."""
         self.secure_download = self._security_download_burned()
-        self.stub, self.baud, self._ram = False, None, {}
+        self.stub, self.halted, self.baud, self._ram = False, False, None, {}
         self._master_fd, self._slave_fd = os.openpty()
         # Raw from the start: no echo, no line editing, whatever pyserial later sets.
         tty.setraw(self._slave_fd)
@@ -407,6 +408,8 @@ class FakeRomLoader:
                 time.sleep(self._wire_clock - now)
 
     def _receive(self, frame: bytes) -> None:
+        if self.halted:
+            return
         line = self._line_baud()
         if self.baud is None:
             if len(frame) >= 8 and frame[1] == SYNC:
@@ -580,7 +583,10 @@ class FakeRomLoader:
         patched = self._registers.get(ESP32S3_ROM_SPIFLASH_READ_PTR)
         if self.chip == "esp32s3" and patched:
             self._registers.pop(ESP32S3_ROM_SPIFLASH_READ_PTR)
-            self._run_from_ram(patched)
+            if self._holds_stub(patched):
+                self._start_stub()
+            else:
+                self.halted = True
             return None
         offset, length = struct.unpack("<II", data[:8])
         if length > READ_FLASH_SLOW_BLOCK or offset + length > len(self.flash):
@@ -658,19 +664,23 @@ class FakeRomLoader:
 
     def _cmd_mem_end(self, data: bytes, _checksum: int) -> None:
         no_entry, entry = struct.unpack("<II", data[:8])
-        self._send(MEM_END)
         self._mem = None
-        if no_entry:
-            return
-        if self.chip == "esp32s3" and self._efuse_field("SECURE_BOOT_EN"):
-            return  # ESP32-S3 ROM bug: with Secure Boot on, MEM_END does not run the code
-        self._run_from_ram(entry)
+        runs = not no_entry and not (
+            # ESP32-S3 ROM bug: with Secure Boot on, MEM_END does not run the code
+            self.chip == "esp32s3" and self._efuse_field("SECURE_BOOT_EN")
+        )
+        stub = runs and self._holds_stub(entry)
+        self.halted = runs and not stub  # other code "runs": the loader is never heard again
+        self._send(MEM_END)
+        if stub:
+            self._start_stub()
 
-    def _run_from_ram(self, entry: int) -> None:
-        if any(_is_stub(image, self._ram, entry) for image in _stub_images(self.chip)):
-            self.stub = True
-            self._send_frame(b"OHAI")  # the stub's greeting, a bare SLIP frame
-        # Any other code "runs" and is never heard from again.
+    def _holds_stub(self, entry: int) -> bool:
+        return any(_is_stub(image, self._ram, entry) for image in _stub_images(self.chip))
+
+    def _start_stub(self) -> None:
+        self.stub = True
+        self._send_frame(b"OHAI")  # the stub's greeting, a bare SLIP frame
 
     _STUB_ONLY: ClassVar[frozenset[int]] = frozenset({ERASE_FLASH, ERASE_REGION, READ_FLASH})
 
