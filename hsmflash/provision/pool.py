@@ -66,11 +66,16 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
             flash_size=policy.profile(job.chip).flash_size, baud=job.baud, stub=job.stub,
         ) as device:
             if job.kind == "flash":
-                return Reflasher(st, policy, chip, job.images, progress).reflash(
+                result = Reflasher(st, policy, chip, job.images, progress).reflash(
                     device, dry_run=job.dry_run, device_mac=job.device_mac,
                     manifest=job.manifest)
-            return Provisioner(st, policy, chip, job.images, progress).provision(
-                device, dry_run=job.dry_run)
+            else:
+                result = Provisioner(st, policy, chip, job.images, progress).provision(
+                    device, dry_run=job.dry_run)
+            note = getattr(device, "baud_note", None)
+            if note:
+                result.notes.append(note)
+            return result
     except Error as e:
         if job.debug:
             import traceback
