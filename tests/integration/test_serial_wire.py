@@ -209,7 +209,7 @@ def test_secure_download_mode_refusals_write_nothing(
     floor.write_text(bench.release_policy.read_text().replace(
         "[chips.esp32s3]\n", "[chips.esp32s3]\nmin_secure_version = 2\n"))
     cases: list[tuple[list[str | Path], Path | None, int, str]] = [
-        ([f"--image", f"0x10000={old}"], None, 2, "--device"),
+        (["--image", f"0x10000={old}"], None, 2, "--device"),
         (["--device", "7c:df:a1:99:99:99", "--manifest", sdm["manifest"],  # type: ignore[list-item]
           "--image", f"0x10000={old}"], None, 7, "not a provisioned"),
         (["--device", MACS["esp32s3"], "--image", f"0x10000={old}"], floor, 5,
