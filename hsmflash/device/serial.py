@@ -13,13 +13,17 @@ the path is built for it:
   not compress, so deflate would cost CPU and bytes;
 - 4 KiB sectors that are all 0xFF in the data are not sent: they are erased (one small command
   per run of them) instead of written;
-- the MD5 of each region read back where the loader allows it (`flash_md5`).
+- the MD5 of each region read back where the loader allows it (`flash_md5`);
+- esptool 5.x formats every packet as a hex dump for its trace log even when tracing is off
+  (`HexFormatter` inside f-strings: ~4 s of CPU per MiB written); hsmflash never traces, so its
+  writes run with a formatter that prints the length only (`bench/bench_serial.py` shows it).
 """
 
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from hsmflash.chips import Chip, get_chip
@@ -146,12 +150,13 @@ class SerialDevice(Device):
         block = int(esp.FLASH_WRITE_SIZE)
         # generous: three times the block's wire time, never below esptool's default
         timeout = max(3.0, 3 * (block + 64) * 10 / self.baud)
-        blocks = esp.flash_begin(len(data), address, logging=False)
-        for seq in range(blocks):
-            chunk = data[seq * block:(seq + 1) * block]
-            esp.flash_block(chunk.ljust(block, b"\xff"), seq, timeout=timeout)
-        if esp.IS_STUB:
-            esp.flash_finish(reboot=False)  # the stub flushes its last block on FLASH_END
+        with _untraced_packets():
+            blocks = esp.flash_begin(len(data), address, logging=False)
+            for seq in range(blocks):
+                chunk = data[seq * block:(seq + 1) * block]
+                esp.flash_block(chunk.ljust(block, b"\xff"), seq, timeout=timeout)
+            if esp.IS_STUB:
+                esp.flash_finish(reboot=False)  # the stub flushes its last block on FLASH_END
 
     def flash_md5(self, address: int, size: int) -> str:
         self._check_range(address, size)
@@ -165,6 +170,28 @@ class SerialDevice(Device):
         self._closed = True
         with contextlib.suppress(Exception):
             self._esp._port.close()
+
+
+class _LengthOnly:
+    """Stands in for esptool's `HexFormatter` while hsmflash writes: the length, not a dump."""
+
+    def __init__(self, data: bytes, auto_split: bool = True) -> None:
+        self._length = len(data)
+
+    def __str__(self) -> str:
+        return f"<{self._length} bytes>"
+
+
+@contextlib.contextmanager
+def _untraced_packets() -> Iterator[None]:
+    import esptool.loader
+
+    saved = esptool.loader.HexFormatter
+    esptool.loader.HexFormatter = _LengthOnly
+    try:
+        yield
+    finally:
+        esptool.loader.HexFormatter = saved
 
 
 def sector_runs(address: int, data: bytes) -> list[tuple[int, bytes, bool]]:
