@@ -23,6 +23,8 @@ the path is built for it:
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +36,7 @@ INITIAL_BAUD = 115200  # what the ROM auto-bauds to reliably; every station conn
 SECTOR = 0x1000
 _ERASED_SECTOR = b"\xff" * SECTOR
 _PROBE_TIMEOUT = 0.5
+REAPPEAR_TIMEOUT = 15.0  # a native-USB chip's port comes back within a few seconds of a reset
 
 
 class SecureDownloadModeError(DeviceError):
@@ -48,12 +51,16 @@ class SerialDevice(Device):
     """
 
     def __init__(self, chip: Chip, commands: Any, esp: Any, port: str,
-                 baud_note: str | None = None) -> None:
+                 baud_note: str | None = None, *, baud: int = 921600, stub: bool = True) -> None:
         super().__init__(chip, commands)
         self._esp = esp
         self.port = port
         self.baud_note = baud_note
         self._closed = False
+        self._baud, self._stub = baud, stub
+        self._mac: bytes | None = None
+        self._found_by_mac = False
+        self.reconnects = 0
 
     @property
     def esp(self) -> Any:
@@ -102,7 +109,11 @@ class SerialDevice(Device):
     def mac(self) -> bytes:
         self._refuse_in_sdm("report its MAC (name the device with --device MAC)")
         with espressif_call(f"reading MAC on {self.port}"):
-            return bytes(self._esp.read_mac("BASE_MAC"))
+            mac = bytes(self._esp.read_mac("BASE_MAC"))
+        if self._mac is None:  # USB-Serial-JTAG names itself by the MAC: it can be found again
+            self._mac = mac
+            self._found_by_mac = _port_with_serial(mac) == os.path.realpath(self.port)
+        return mac
 
     def security_info(self) -> dict[str, Any]:
         """esptool's parsed GET_SECURITY_INFO (works in Secure Download Mode; not on ESP32).
@@ -131,12 +142,54 @@ class SerialDevice(Device):
             DeviceError: the chip refused a block or the connection was lost.
         """
         self._check_range(address, len(data))
+        try:
+            self._write_region(address, data)
+        except DeviceError as e:
+            if not _connection_lost(e) or not self._can_follow():
+                raise
+            self._reopen(e)
+            self._write_region(address, data)  # the whole region again: nothing else is known
+
+    def _write_region(self, address: int, data: bytes) -> None:
         with espressif_call(f"writing flash at {address:#x} on {self.port}"):
             for run_address, run, erased in sector_runs(address, data):
                 if erased:
                     self._erase(run_address, len(run))
                 else:
                     self._write_run(run_address, run)
+
+    # -- following a port that went away (native USB: the chip reset, the cable re-seated) --
+    def _can_follow(self) -> bool:
+        """A stable name to find the chip again: a symlink such as /dev/serial/by-id/..., or
+        a MAC already read (USB-Serial-JTAG reports the MAC as the USB serial number)."""
+        return self.reconnects == 0 and (os.path.islink(self.port) or self._found_by_mac)
+
+    def _reopen(self, cause: DeviceError) -> None:
+        """Reconnect to the same chip after the link dropped, or re-raise `cause`.
+
+        Raises:
+            DeviceError: the port did not come back in time, or another chip answered there.
+        """
+        self.reconnects += 1
+        with contextlib.suppress(Exception):
+            self._esp._port.close()
+        deadline = time.monotonic() + REAPPEAR_TIMEOUT
+        while True:
+            port = self.port if os.path.islink(self.port) else _port_with_serial(self._mac)
+            if port is not None and os.path.exists(port):
+                try:
+                    again = open_serial(port, self.chip.name, self._baud, self._stub)
+                    break
+                except DeviceError:
+                    pass  # still enumerating, or the chip is still resetting
+            if time.monotonic() > deadline:
+                raise cause
+            time.sleep(0.2)
+        if self._mac is not None and not again.secure_download_mode and again.mac != self._mac:
+            again.close()
+            raise DeviceError(f"{port}: another chip answered after the link came back "
+                              f"(MAC {again.mac.hex(':')}, expected {self._mac.hex(':')})")
+        self._esp, self._commands, self.baud_note = again._esp, again._commands, again.baud_note
 
     def _erase(self, address: int, size: int) -> None:
         esp = self._esp
@@ -192,6 +245,25 @@ def _untraced_packets() -> Iterator[None]:
         yield
     finally:
         esptool.loader.HexFormatter = saved
+
+
+def _connection_lost(error: DeviceError) -> bool:
+    import serial
+
+    return isinstance(error.__cause__, serial.SerialException | OSError)
+
+
+def _port_with_serial(mac: bytes | None) -> str | None:
+    """The port whose USB serial number is this MAC (ESP32-S3/C3 USB-Serial-JTAG)."""
+    if mac is None:
+        return None
+    from serial.tools import list_ports
+
+    wanted = mac.hex(":").upper()
+    for info in list_ports.comports():
+        if (info.serial_number or "").upper() == wanted:
+            return os.path.realpath(str(info.device))
+    return None
 
 
 def sector_runs(address: int, data: bytes) -> list[tuple[int, bytes, bool]]:
@@ -306,4 +378,4 @@ def open_serial(port: str, chip: str = "auto", baud: int = 460800,
         if esp is not None:
             esp._port.close()
         raise
-    return SerialDevice(found, commands, esp, port, note)
+    return SerialDevice(found, commands, esp, port, note, baud=baud, stub=stub)

@@ -222,3 +222,66 @@ def test_secure_download_mode_refusals_write_nothing(
         assert r.code == code, (args, r.output)
         assert needle in r.err, r.err
         assert FLASH_BEGIN not in dev.commands
+
+
+# ---------------------------------------------------------------------------------------
+# Native USB: the port goes away and comes back
+# ---------------------------------------------------------------------------------------
+
+def test_port_that_comes_back_is_followed(bench: Bench, cli: Callable[..., Result],
+                                          tmp_path: Path) -> None:
+    """A USB-Serial-JTAG chip drops off the bus mid-write and re-enumerates: provisioning given
+    the stable /dev/serial/by-id-style name (a symlink) reconnects, checks the MAC and finishes
+    in the same run."""
+    import threading
+
+    efuse = tmp_path / "chip.efuse"
+    by_id = tmp_path / "usb-Espressif_USB_JTAG_serial_debug_unit_7C:DF:A1:00:00:01-if00"
+    first = _double("esp32s3", efuse, drop_after_flash_blocks=3).start()
+    by_id.symlink_to(first.port)
+    second: list[FakeRomLoader] = []
+
+    def replug() -> None:
+        while not first.dropped:
+            if first.error is not None or first._stop.is_set():
+                return
+            threading.Event().wait(0.02)
+        chip = _double("esp32s3", efuse).start()  # same chip after its reset
+        chip.flash[:] = first.flash
+        second.append(chip)
+        tmp_link = tmp_path / "link.tmp"
+        tmp_link.symlink_to(chip.port)
+        tmp_link.replace(by_id)
+
+    watcher = threading.Thread(target=replug, daemon=True)
+    watcher.start()
+    try:
+        r = _provision(bench, "esp32s3", str(by_id))
+    finally:
+        watcher.join(timeout=10)
+        first.stop()
+        for chip in second:
+            chip.stop()
+    assert first.dropped and second, r.output
+    assert r.code == 0, r.output
+    check_provisioned(bench, "esp32s3", efuse_summary("esp32s3", efuse), bytes(second[0].flash),
+                      MACS["esp32s3"], tmp_path)
+
+
+def test_usb_link_efuses_burn_in_the_last_step(bench: Bench, cli: Callable[..., Result],
+                                               tmp_path: Path) -> None:
+    """DIS_USB_SERIAL_JTAG cuts the link a native-USB station talks over: planned last, with
+    the download-mode eFuses, never with the hardening step before them."""
+    policy = tmp_path / "usb.toml"
+    policy.write_text(bench.release_policy.read_text().replace(
+        '"ENABLE_SECURITY_DOWNLOAD"]', '"DIS_USB_SERIAL_JTAG", "USB_PHY_SEL", '
+        '"ENABLE_SECURITY_DOWNLOAD"]', 1))
+    assert "DIS_USB_SERIAL_JTAG" in policy.read_text()
+    efuse, flash = bench.new_chip(tmp_path, "esp32s3")
+    r = run_cli("--json", *bench.provision_args("esp32s3", efuse, flash, "--dry-run",
+                                                policy=policy))
+    assert r.code == 0, r.output
+    plan = json.loads(r.out)[0]["plan"]
+    assert {"DIS_USB_SERIAL_JTAG", "USB_PHY_SEL", "ENABLE_SECURITY_DOWNLOAD"} <= set(plan["last"])
+    assert not {"DIS_USB_SERIAL_JTAG", "USB_PHY_SEL"} & set(plan["enable"])
+    assert "DIS_USB_JTAG" in plan["enable"]  # JTAG only: the serial link stays
