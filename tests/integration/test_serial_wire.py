@@ -285,3 +285,15 @@ def test_usb_link_efuses_burn_in_the_last_step(bench: Bench, cli: Callable[..., 
     assert {"DIS_USB_SERIAL_JTAG", "USB_PHY_SEL", "ENABLE_SECURITY_DOWNLOAD"} <= set(plan["last"])
     assert not {"DIS_USB_SERIAL_JTAG", "USB_PHY_SEL"} & set(plan["enable"])
     assert "DIS_USB_JTAG" in plan["enable"]  # JTAG only: the serial link stays
+
+
+def test_provision_rerun_on_a_secured_chip_says_so(
+        bench: Bench, cli: Callable[..., Result], sdm_device: dict[str, object]) -> None:
+    """docs/real-boards.md: a finished ESP32-S3 answers only in Secure Download Mode."""
+    with _double("esp32s3", sdm_device["efuse"]) as dev:  # type: ignore[arg-type]
+        dev.flash[:] = sdm_device["flash"]  # type: ignore[index]
+        r = run_cli("--policy", bench.release_policy, "provision", "--chip", "esp32s3",
+                    "--port", dev.port, *bench.image_args("esp32s3"))
+    assert r.code == 7, r.output
+    assert "Secure Download Mode" in r.err and "Traceback" not in r.err
+    assert FLASH_BEGIN not in dev.commands
