@@ -258,6 +258,7 @@ class FakeRomLoader:
         self._ram: dict[int, bytearray] = {}
         self._mem: tuple[int, int] | None = None  # (address, bytes received) of a MEM_BEGIN
         self._wire_clock = 0.0
+        self._rx_started: float | None = None
         self.dropped = False
         self.commands: list[int] = []
         self.efuse_file = Path(efuse_file) if efuse_file is not None else None
@@ -380,6 +381,8 @@ class FakeRomLoader:
                 chunk = os.read(master, 65536)
                 if not chunk:
                     continue
+                if not buffer:
+                    self._rx_started = time.monotonic()  # a frame's first bytes are on the wire
                 buffer += chunk
                 while True:
                     frame = _take_slip_frame(buffer)
@@ -387,6 +390,7 @@ class FakeRomLoader:
                         break
                     if frame:
                         self._receive(frame)
+                        self._rx_started = time.monotonic()
         except _HangUpError:
             self.dropped = True
             self._close_fds()
@@ -396,14 +400,19 @@ class FakeRomLoader:
 
     # ----------------------------------------------------------------------------- the wire
 
-    def _wire(self, frame_length: int) -> None:
-        """One frame crosses the link at the chip's rate: count it, and sleep if real-time."""
+    def _wire(self, frame_length: int, started: float | None = None) -> None:
+        """One frame crosses the link at the chip's rate: count it, and sleep if real-time.
+
+        A received frame was on the wire from its first byte (`started`: the host writes while
+        the UART sends), so the time the pty took to hand it over is part of its wire time.
+        """
         seconds = frame_length * BITS_PER_BYTE / (self.baud or 115200)
         self.wire_seconds += seconds
         self.wire_bytes += frame_length
         if self.realtime:
             now = time.monotonic()
-            self._wire_clock = max(self._wire_clock, now) + seconds * self.realtime
+            begin = now if started is None else min(now, started)
+            self._wire_clock = max(self._wire_clock, begin) + seconds * self.realtime
             if self._wire_clock > now:
                 time.sleep(self._wire_clock - now)
 
@@ -419,7 +428,7 @@ class FakeRomLoader:
         if line != self.baud or (self.max_baud is not None and self.baud > self.max_baud):
             self.garbled_frames += 1  # framing errors: the chip sees noise, answers nothing
             return
-        self._wire(len(slip_encode(frame)))
+        self._wire(len(slip_encode(frame)), self._rx_started)
         self._handle_packet(frame)
 
     def _send_frame(self, packet: bytes) -> None:

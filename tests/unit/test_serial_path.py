@@ -31,3 +31,16 @@ def test_app_secure_version_from_the_app_descriptor(chip: str) -> None:
     assert app_secure_version(build_app(chip)) == 0
     assert app_secure_version(build_bootloader(chip)) is None
     assert app_secure_version(b"\x00" * 64) is None
+
+
+def test_block_checksum_is_esptools() -> None:
+    import os
+
+    from esptool.loader import ESPLoader
+
+    from hsmflash.device.serial import _block_checksum
+
+    for size in (0, 1, 7, 1024, 0x4000, 0x4000 + 3):
+        data = os.urandom(size)
+        assert _block_checksum(data) == ESPLoader.checksum(data)
+        assert _block_checksum(data, 0x12) == ESPLoader.checksum(data, 0x12)
