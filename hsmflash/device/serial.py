@@ -275,19 +275,18 @@ def sector_runs(address: int, data: bytes) -> list[tuple[int, bytes, bool]]:
     The first and last pieces follow `address` and the data's end; only whole sectors inside
     the region can be erased-only runs (a partial sector is always written).
     """
-    runs: list[tuple[int, bytes, bool]] = []
+    view = memoryview(data)
+    spans: list[list[Any]] = []  # [start, end, erased], offsets into data
     pos = 0
     while pos < len(data):
-        boundary = ((address + pos) // SECTOR + 1) * SECTOR - address
-        piece = data[pos:boundary]
-        erased = len(piece) == SECTOR and piece == _ERASED_SECTOR
-        if runs and runs[-1][2] == erased:
-            last_address, last, _ = runs[-1]
-            runs[-1] = (last_address, last + piece, erased)
+        end = min(len(data), ((address + pos) // SECTOR + 1) * SECTOR - address)
+        erased = end - pos == SECTOR and view[pos:end] == _ERASED_SECTOR
+        if spans and spans[-1][2] == erased:
+            spans[-1][1] = end
         else:
-            runs.append((address + pos, piece, erased))
-        pos = boundary
-    return runs
+            spans.append([pos, end, erased])
+        pos = end
+    return [(address + start, data[start:end], erased) for start, end, erased in spans]
 
 
 def _probe(esp: Any) -> bool:

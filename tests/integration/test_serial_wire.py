@@ -297,3 +297,45 @@ def test_provision_rerun_on_a_secured_chip_says_so(
     assert r.code == 7, r.output
     assert "Secure Download Mode" in r.err and "Traceback" not in r.err
     assert FLASH_BEGIN not in dev.commands
+
+
+@pytest.mark.parametrize("stub", [True, False], ids=["stub", "no-stub"])
+def test_reflash_with_and_without_the_stub(bench: Bench, cli: Callable[..., Result],
+                                           tmp_path: Path, stub: bool) -> None:
+    """Provision, then `flash` a new app (key re-derived from the MAC the chip reports, MD5
+    read back), then again: up to date. Half the runs through the ROM loader only."""
+    efuse, table = tmp_path / "chip.efuse", tmp_path / "pt.bin"
+    table.write_bytes(build(default_layout()))
+    no_stub = [] if stub else ["--no-stub"]
+    with _double("esp32s3", efuse) as dev:
+        r = _provision(bench, "esp32s3", dev.port, "--image", f"0x8000={table}", *no_stub)
+    assert r.code == 0, r.output
+    new = _signed_app(bench, tmp_path, "app-new", secure_version=0)
+    for expected in ("flashed", "up-to-date"):
+        with _double("esp32s3", efuse) as again:
+            again.flash[:] = dev.flash
+            r = run_cli("--json", "--policy", bench.policy, "flash", "--chip", "esp32s3",
+                        "--port", again.port, "--image", f"0x10000={new}", *no_stub)
+        assert r.code == 0, r.output
+        assert json.loads(r.out)[0]["result"] == expected
+        assert again.stub is stub and json.loads(r.out)[0]["verified"] is True
+        dev = again
+    data = new.read_bytes()
+    key = bench.spec_key(MACS["esp32s3"], "XTS_AES_128_KEY")
+    region = bytes(dev.flash[0x10000:0x10000 + len(data) + (-len(data) % 16)])
+    assert _decrypt(key, region, 0x10000)[:len(data)] == data
+
+
+def test_cable_pulled_mid_write_on_the_rom_loader_then_rerun(
+        bench: Bench, cli: Callable[..., Result], tmp_path: Path) -> None:
+    efuse = tmp_path / "chip.efuse"
+    with _double("esp32", efuse, drop_after_flash_blocks=5) as dev:
+        r = _provision(bench, "esp32", dev.port, "--no-stub")
+    assert dev.dropped and r.code == 7, r.output
+    assert "re-run" in r.err and "Traceback" not in r.err
+    with _double("esp32", efuse) as replugged:
+        replugged.flash[:] = dev.flash
+        r = _provision(bench, "esp32", replugged.port, "--no-stub")
+    assert r.code == 0, r.output
+    check_provisioned(bench, "esp32", efuse_summary("esp32", efuse), bytes(replugged.flash),
+                      MACS["esp32"], tmp_path)
