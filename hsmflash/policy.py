@@ -86,6 +86,7 @@ class ChipProfile:
     unsigned_images: tuple[str, ...] = ()
     nvs_encryption: str = "nvs-keys"  # one of NVS_SCHEMES
     nvs_hmac_key_block: str = "BLOCK_KEY5"  # hmac: CONFIG_NVS_SEC_HMAC_EFUSE_KEY_ID = 5
+    min_secure_version: int = 0  # anti-rollback: apps below this secure_version are refused
 
 
 @dataclass(frozen=True)
@@ -609,6 +610,9 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
     hmac_block = f.get("nvs_hmac_key_block", str, "BLOCK_KEY5")
     if nvs_scheme == "hmac" and hmac_block not in chip.key_blocks:
         raise f.error("nvs_hmac_key_block", f"{hmac_block!r} is not a key block of {chip_name}")
+    min_secure_version = f.get("min_secure_version", int, 0)
+    if not 0 <= min_secure_version <= 0xFFFF:
+        raise f.error("min_secure_version", "must be 0..65535")
     prof = ChipProfile(
         chip=chip_name,
         flash_encryption=fe,
@@ -626,6 +630,7 @@ def _parse_chip(chip_name: str, table: Any, keys: dict[str, KeySpec], source: st
         unsigned_images=unsigned,
         nvs_encryption=nvs_scheme,
         nvs_hmac_key_block=hmac_block,
+        min_secure_version=min_secure_version,
     )
     if prof.readable_keys and prof.release_mode:
         raise f.error("readable_keys", "a release-mode profile must read-protect its keys")

@@ -76,12 +76,13 @@ def _pad4(data: bytes) -> bytes:
     return data + b"\x00" * (-len(data) % 4)
 
 
-def app_descriptor(project: str = "hsmflash-test", version: str = "1.0.0") -> bytes:
+def app_descriptor(project: str = "hsmflash-test", version: str = "1.0.0",
+                   secure_version: int = 0) -> bytes:
     """A 256-byte esp_app_desc_t, as at the start of an IDF app's DROM segment."""
     return struct.pack(
         "<II8s32s32s16s16s32s32sHHB3s72s",
         APP_DESC_MAGIC,
-        0,
+        secure_version,
         b"",
         version.encode(),
         project.encode(),
@@ -104,7 +105,8 @@ def bootloader_descriptor() -> bytes:
     )
 
 
-def build_app(chip: str, size: int = 64 * 1024, *, seed: int = 0, payload: bytes = b"") -> bytes:
+def build_app(chip: str, size: int = 64 * 1024, *, seed: int = 0, payload: bytes = b"",
+              secure_version: int = 0) -> bytes:
     """An ESP app image for `chip` of about `size` bytes (within 64 KiB: flash pages align).
 
     `payload` is placed in the flash-mapped data (DROM) segment right after the app descriptor.
@@ -114,7 +116,7 @@ def build_app(chip: str, size: int = 64 * 1024, *, seed: int = 0, payload: bytes
     image = _image_class(chip)()
     budget = max(size - 0x800, 0x400)
     irom_len = budget // 2 if size >= 0x20000 else 0
-    drom = app_descriptor() + payload
+    drom = app_descriptor(secure_version=secure_version) + payload
     drom += rng.randbytes(max(0, budget - irom_len - len(drom)))
     image.segments = [
         ELFSection(b".flash.appdesc", layout.drom, _pad4(drom), 0),

@@ -1193,7 +1193,11 @@ ImageOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="ADDR=FILE to write encrypted (repeat); default: the policy's images.")]
 ManifestOpt = Annotated[str | None, typer.Option(
     "--manifest", help="Append one record per device (.csv, else JSON Lines).")]
-BaudOpt = Annotated[int, typer.Option("--baud", help="Serial baud rate.")]
+BaudOpt = Annotated[int, typer.Option(
+    "--baud", help="Serial baud rate after connecting at 115200 (falls back to 115200 when "
+    "the change fails).")]
+NoStubOpt = Annotated[bool, typer.Option(
+    "--no-stub", help="Use the chip's ROM loader only, not esptool's flasher stub (slower).")]
 
 
 def _device_specs(ports: list[str] | None, efuses: list[str] | None,
@@ -1263,7 +1267,8 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], baud: int,
                  images: list[Any], dry_run: bool, manifest: str | None,
-                 allow_rewrite: tuple[str, ...] = ()) -> list[Any]:
+                 allow_rewrite: tuple[str, ...] = (), *, stub: bool = True,
+                 device_mac: str | None = None) -> list[Any]:
     """Provision or re-flash each device; several run in parallel worker processes."""
     from hsmflash.cli.progress import DeviceTable
     from hsmflash.provision.pool import DeviceJob, run_jobs
@@ -1275,7 +1280,8 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
                       pin=pin, images=images, dry_run=dry_run, port=s.get("port"),
                       efuse_file=str(s["efuse_file"]) if s.get("efuse_file") else None,
                       flash_file=str(s["flash_file"]) if s.get("flash_file") else None,
-                      baud=baud, debug=c.debug, allow_rewrite=allow_rewrite)
+                      baud=baud, debug=c.debug, allow_rewrite=allow_rewrite, stub=stub,
+                      device_mac=device_mac, manifest=manifest if kind == "flash" else None)
             for s in specs]
     with DeviceTable([s["name"] for s in specs], enabled=not c.json) as table:
         results = run_jobs(jobs, table.update)
@@ -1298,7 +1304,8 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
 def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | None,
                     virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
                     image: list[str] | None, dry_run: bool, manifest: str | None,
-                    baud: int, allow_rewrite: tuple[str, ...] = ()) -> None:
+                    baud: int, allow_rewrite: tuple[str, ...] = (), *, stub: bool = True,
+                    device_mac: str | None = None) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
@@ -1320,7 +1327,7 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
         else:
             Provisioner(st, st.policy, get_chip(chip), images)
     results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest,
-                           allow_rewrite)
+                           allow_rewrite, stub=stub, device_mac=device_mac)
     _finish_devices(c, specs, results)
 
 
@@ -1344,6 +1351,8 @@ def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any])
             extra = f", burned {len(r.burned)} eFuse(s)" if getattr(r, "burned", None) else ""
             typer.echo(f"{r.mac} {r.chip} {r.revision}: {r.result} (fe kcv {r.fe_kcv}"
                        f"{extra}, {r.seconds:.1f}s)")
+            for note in getattr(r, "notes", []):
+                typer.echo(f"  note: {note}")
 
     c.emit(data, human)
     if failures:
@@ -1365,7 +1374,8 @@ def provision_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; touch "
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
-    baud: BaudOpt = 460800,
+    baud: BaudOpt = 921600,
+    no_stub: NoStubOpt = False,
 ) -> None:
     """Turn blank chips into locked devices: per-device keys burned, Secure Boot enabled,
     images encrypted for each device, debug and download paths closed as the policy says.
@@ -1374,7 +1384,7 @@ def provision_cmd(
     reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
     """
     _device_command(ctx, "provision", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, stub=not no_stub)
 
 
 # per-device credentials live in their own module; registered here, at the edge
@@ -1402,7 +1412,11 @@ def flash_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and plan; write "
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
-    baud: BaudOpt = 460800,
+    baud: BaudOpt = 921600,
+    no_stub: NoStubOpt = False,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="The device's MAC, for a chip in Secure Download Mode (its MAC "
+        "cannot be read); checked against --manifest when that file exists.")] = None,
     allow_rewrite: Annotated[list[str] | None, typer.Option(
         "--allow-rewrite", help="Also write this protected region: table, nvs or nvs_keys "
         "(repeat; recorded in the audit log).")] = None,
@@ -1413,6 +1427,10 @@ def flash_cmd(
     Refused before writing when the device was provisioned under another master key or
     policy, an image is not signed by a key the device holds, or an address is outside the
     device's encrypted partitions. Never writes eFuses. Re-run to complete an interrupted write.
+
+    In Secure Download Mode (production policies end there) the chip allows writes only: name
+    it with --device MAC; every region is rewritten whole and nothing can be read back or
+    verified, which the output says.
     """
     if not image:
         raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
@@ -1420,8 +1438,10 @@ def flash_cmd(
     for region in regions:
         if region not in ("table", "nvs", "nvs_keys"):
             raise UsageError(f"--allow-rewrite {region!r}: one of table, nvs, nvs_keys")
+    if device is not None and len(port or []) + len(virtual_efuses or []) != 1:
+        raise UsageError("--device names one device: give exactly one --port")
     _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud, regions)
+                    manifest, baud, regions, stub=not no_stub, device_mac=device)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

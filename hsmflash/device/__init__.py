@@ -61,9 +61,13 @@ def open_device(
     efuse_file: Path | None = None,
     flash_file: Path | None = None,
     flash_size: int = DEFAULT_FLASH_SIZE,
-    baud: int = 115200,
+    baud: int = 921600,
+    stub: bool = True,
 ) -> Iterator[Device]:
     """Open a serial device (`port`) or a virtual one (`efuse_file` + `flash_file`); close on exit.
+
+    A serial device is reached at 115200, then runs esptool's flasher stub (unless `stub` is
+    false) and moves to `baud` (see `hsmflash.device.serial`).
 
     Raises:
         InputError: both or neither device kind given, unknown chip, bad virtual files.
@@ -77,7 +81,7 @@ def open_device(
         from hsmflash.device.serial import open_serial
 
         with device_lock(port=port):
-            device = open_serial(port, chip, baud)
+            device = open_serial(port, chip, baud, stub=stub)
             try:
                 yield device
             finally:

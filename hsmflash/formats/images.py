@@ -272,3 +272,18 @@ def inspect_image(data: bytes, chip: Chip, name: str = "image") -> ImageInfo:
         sbv2_blocks=sbv2_blocks,
         sbv1_signed=sbv1_signed,
     )
+
+
+# ESP-IDF's esp_app_desc_t sits at the start of an app's first segment (DROM), right after the
+# image header and that segment's header: magic_word (0xABCD5432), secure_version, ...
+APP_DESC_MAGIC = 0xABCD5432
+APP_DESC_OFFSET = HEADER_LEN + SEGMENT_HEADER_LEN
+
+
+def app_secure_version(data: bytes) -> int | None:
+    """The anti-rollback `secure_version` of an ESP-IDF app image, or None (no app descriptor:
+    a bootloader, or an app built without one)."""
+    if len(data) < APP_DESC_OFFSET + 8 or data[0] != ESP_IMAGE_MAGIC:
+        return None
+    magic, version = struct.unpack_from("<II", data, APP_DESC_OFFSET)
+    return version if magic == APP_DESC_MAGIC else None

@@ -37,7 +37,10 @@ class DeviceJob:
     port: str | None = None
     efuse_file: str | None = None
     flash_file: str | None = None
-    baud: int = 460800
+    baud: int = 921600
+    stub: bool = True  # esptool's flasher stub on serial ports (False: ROM loader only)
+    device_mac: str | None = None  # flash in Secure Download Mode: the MAC the user names
+    manifest: str | None = None  # flash: the provisioning manifest to check device_mac against
     debug: bool = False  # --debug: the worker prints the traceback of its error
     allow_rewrite: tuple[str, ...] = ()  # flash: protected regions the user named
 
@@ -61,14 +64,20 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
             job.chip, port=job.port,
             efuse_file=Path(job.efuse_file) if job.efuse_file else None,
             flash_file=Path(job.flash_file) if job.flash_file else None,
-            flash_size=policy.profile(job.chip).flash_size, baud=job.baud,
+            flash_size=policy.profile(job.chip).flash_size, baud=job.baud, stub=job.stub,
         ) as device:
             if job.kind == "flash":
-                return Reflasher(st, policy, chip, job.images, progress,
-                                 allow_rewrite=job.allow_rewrite).reflash(
+                result = Reflasher(st, policy, chip, job.images, progress,
+                                   allow_rewrite=job.allow_rewrite).reflash(
+                    device, dry_run=job.dry_run, device_mac=job.device_mac,
+                    manifest=job.manifest)
+            else:
+                result = Provisioner(st, policy, chip, job.images, progress).provision(
                     device, dry_run=job.dry_run)
-            return Provisioner(st, policy, chip, job.images, progress).provision(
-                device, dry_run=job.dry_run)
+            note = getattr(device, "baud_note", None)
+            if note:
+                result.notes.append(note)
+            return result
     except Error as e:
         if job.debug:
             import traceback

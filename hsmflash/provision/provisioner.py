@@ -17,7 +17,7 @@ Order of irreversible steps:
   2. flash: images encrypted for this device and address (SBv1: the bootloader digest image);
   3. read back: flash MD5s, key-block KCVs where readable;
   4. enable: crypt counter, FLASH_CRYPT_CONFIG, Secure Boot enable, revocations, hardening;
-  5. last: the eFuses that close download mode.
+  5. last: the eFuses that close download mode or cut the USB-Serial-JTAG link.
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ from hsmflash.provision import proof
 # eFuses that close download mode: always burned in the very last step.
 DOWNLOAD_MODE_FIELDS = ("ENABLE_SECURITY_DOWNLOAD", "DIS_DOWNLOAD_MODE", "UART_DOWNLOAD_DIS",
                         "DIS_USB_SERIAL_JTAG_DOWNLOAD_MODE", "DIS_USB_OTG_DOWNLOAD_MODE")
+# eFuses that cut a native-USB chip's USB-Serial-JTAG link (the port provisioning talks over):
+# burned with the download-mode eFuses, in the very last step, never before. DIS_USB_JTAG only
+# disables the JTAG function of that peripheral; the serial link stays.
+USB_LINK_FIELDS = ("DIS_USB_SERIAL_JTAG", "USB_PHY_SEL", "USB_EXCHG_PINS", "USB_EXT_PHY_ENABLE",
+                   "DIS_USB_DEVICE")
+LAST_STEP_FIELDS = DOWNLOAD_MODE_FIELDS + USB_LINK_FIELDS
 SECTOR = 0x1000
 SBV1_DIGEST_ADDRESS = 0x0
 Progress = Callable[[str], None]
@@ -173,6 +179,8 @@ class DeviceResult:
     plan: dict[str, Any] = field(default_factory=dict)
     cert_serial: str = ""  # credentials kind x509: the device certificate written to NVS
     cert_sha256: str = ""
+    verified: bool = True  # False: written in Secure Download Mode, nothing could be read back
+    notes: list[str] = field(default_factory=list)  # e.g. a baud fallback
 
     def manifest_row(self) -> dict[str, Any]:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mac": self.mac,
@@ -533,7 +541,7 @@ class Provisioner:
         for item in prof.harden:
             name, sep, value = item.partition("=")
             val = int(value, 0) if sep else 1
-            (final if name in DOWNLOAD_MODE_FIELDS else enable)[name] = val
+            (final if name in LAST_STEP_FIELDS else enable)[name] = val
         for name in list(enable) + list(final):
             try:
                 state.field(name)

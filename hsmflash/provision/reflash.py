@@ -9,25 +9,43 @@ of the device's own partition table. eFuses are never written.
 
 Writes are verified by MD5; a region already holding the right ciphertext is skipped, so a
 re-run after an interrupted write completes the image.
+
+Anti-rollback: an app image's `secure_version` (ESP-IDF's esp_app_desc_t) below the policy's
+`min_secure_version`, or below the device's SECURE_VERSION eFuse where it can be read, is refused.
+
+Secure Download Mode (`reflash_secure_download`): the ROM then takes flash writes only - no
+eFuse, MAC, MD5 or flash reads. The device is named by the user (`--device MAC`) and checked
+against the provisioning manifest where there is one (the row's key check value must be the
+one this policy derives for that MAC); GET_SECURITY_INFO shows flash encryption and the key
+purpose; addresses are checked against the partition table being written, or the policy's; every
+region is rewritten whole (so a re-run after an interruption completes it) and the result says
+it could not be verified.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hsmflash.chips import ESP32_AES256, SBV2
-from hsmflash.device.base import Device
+from hsmflash.device.base import Device, check_unique_mac
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
-from hsmflash.errors import DeviceError, InputError, PolicyRefused
+from hsmflash.errors import DeviceError, InputError, PolicyRefused, UsageError
 from hsmflash.formats import kdf, partitions
-from hsmflash.formats.images import ESP_IMAGE_MAGIC, read_signature_blocks
+from hsmflash.formats.images import ESP_IMAGE_MAGIC, app_secure_version, read_signature_blocks
 from hsmflash.hazmat import efuse as hz
 from hsmflash.provision import proof
 from hsmflash.provision.provisioner import DeviceResult, Plan, Provisioner
 
 PARTITION_TABLE = partitions.TABLE_ADDRESS
+# espefuse's KEY_PURPOSE numbers, as GET_SECURITY_INFO reports them
+KEY_PURPOSE_ID = {"XTS_AES_256_KEY_1": 2, "XTS_AES_256_KEY_2": 3, "XTS_AES_128_KEY": 4}
+SDM_NOTE = ("Secure Download Mode: written, but nothing can be read back (no MD5, no eFuse "
+            "or flash reads): not verified")
 
 
 class Reflasher(Provisioner):
@@ -138,17 +156,42 @@ class Reflasher(Provisioner):
                     "(or that key is revoked); sign it with one of the device's Secure Boot "
                     "keys")
 
-    def reflash(self, device: Device, *, dry_run: bool = False) -> DeviceResult:
+    def _check_rollback(self, device_version: int | None) -> None:
+        """Refuse an app whose secure_version is below the policy's or the device's minimum."""
+        floor = self.profile.min_secure_version
+        for img in self.images:
+            version = app_secure_version(img.data)
+            if version is None:
+                continue
+            if version < floor:
+                raise PolicyRefused(
+                    f"{img.path!r} has secure_version {version}, below the policy's "
+                    f"min_secure_version {floor} (anti-rollback)")
+            if device_version is not None and version < device_version:
+                raise PolicyRefused(
+                    f"{img.path!r} has secure_version {version}, below the device's "
+                    f"{device_version} (SECURE_VERSION eFuse): the bootloader would refuse it")
+
+    def reflash(self, device: Device, *, dry_run: bool = False, device_mac: str | None = None,
+                manifest: str | None = None) -> DeviceResult:
         """Check the device, then encrypt, write and verify the images (no eFuse writes).
+
+        A chip in Secure Download Mode goes to `reflash_secure_download`. `device_mac`, when
+        given for a readable chip, must be the MAC it reports.
 
         Raises:
             DeviceError: not provisioned, or under another master key/policy; no partition
-                table; write/verify failures.
+                table; write/verify failures; not the device named.
             InputError: an address outside the device's encrypted partitions.
-            PolicyRefused: an image not signed by a key the device trusts.
+            PolicyRefused: an image not signed by a key the device trusts, or a rollback.
         """
+        if getattr(device, "secure_download_mode", False):
+            return self.reflash_secure_download(device, device_mac, manifest, dry_run=dry_run)
         started = time.monotonic()
         mac, revision = self.identify(device)
+        if device_mac is not None and kdf.parse_mac(device_mac) != mac:
+            raise DeviceError(f"the device reports MAC {kdf.format_mac(mac)}, not "
+                              f"{device_mac} (--device)")
         mac_text = kdf.format_mac(mac)
         subject = {"device": mac_text, "chip": self.chip.name, "revision": revision}
         scheme = self.profile.flash_encryption
@@ -160,6 +203,7 @@ class Reflasher(Provisioner):
             state = hz.read_state(device)
             plan.fe_kcv = self._check_device_key(device, mac, state)
             self._check_device_digests(state)
+            self._check_rollback(_device_secure_version(state))
             self._plan_flash(plan, mac)
             table = self._device_partitions(device, mac)
             # every image again, now against the device's table and the digests it holds
@@ -185,3 +229,146 @@ class Reflasher(Provisioner):
         self.progress(f"{mac_text}: {result.result}")
         return result
 
+
+    # -- Secure Download Mode -----------------------------------------------------------------
+    def reflash_secure_download(self, device: Any, device_mac: str | None,
+                                manifest: str | None, *, dry_run: bool = False) -> DeviceResult:
+        """Re-flash a chip whose ROM is in Secure Download Mode: write-only, unverifiable.
+
+        Raises:
+            UsageError: no --device MAC.
+            DeviceError: the MAC is not in the manifest (or its KCV is not this policy's), the
+                chip shows no flash encryption or another key purpose, a write failed.
+            InputError: no partition table to check addresses against, or an address outside
+                its encrypted partitions.
+            PolicyRefused: an image below the policy's min_secure_version.
+        """
+        started = time.monotonic()
+        if device_mac is None:
+            raise UsageError(f"{getattr(device, 'port', 'the device')} is in Secure Download "
+                             "Mode, so its MAC cannot be read: name it with --device MAC "
+                             "(from the provisioning manifest or the label)")
+        mac = kdf.parse_mac(device_mac)
+        check_unique_mac(mac)
+        mac_text = kdf.format_mac(mac)
+        revision = "unknown"
+        subject = {"device": mac_text, "chip": self.chip.name, "revision": revision,
+                   "secure_download_mode": True}
+        scheme = self.profile.flash_encryption
+        plan = Plan(self.chip.name, revision, mac_text, self.policy.name, scheme,
+                    PURPOSE_FOR_SCHEME[scheme], self._fe_blocks(scheme))
+        notes = [SDM_NOTE, "Secure Boot digests cannot be read: images were checked against "
+                 "the policy's signing keys"]
+        self.progress(f"{mac_text}: checking (secure download mode)")
+        info = device.security_info()
+        self._check_security_info(info, plan)
+        row = _manifest_row(manifest, mac_text, self.chip.name)
+        if row is None:
+            notes.append("the MAC was not checked against a provisioning manifest")
+        with self._step("check", subject, {"policy": self.policy.name, "dry_run": dry_run,
+                                           "secure_download_mode": True},
+                        key_used=True, exports=self._crypt_exports) as out:
+            derived = self._derive(mac, plan.fe_purpose, "check")
+            try:
+                plan.fe_kcv = derived.kcv
+            finally:
+                derived.destroy()
+            if row is not None and row.get("fe_kcv") and row["fe_kcv"] != plan.fe_kcv:
+                raise DeviceError(f"{manifest}: {mac_text} was provisioned with key check "
+                                  f"value {row['fe_kcv']}, not the {plan.fe_kcv} this policy "
+                                  "derives: another master key or policy")
+            self._check_rollback(None)
+            self._plan_flash(plan, mac)
+            self._check_addresses(self._table_for_sdm(), plan)
+            out["fe_kcv"] = plan.fe_kcv
+        result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
+                              plan=plan.describe(), verified=False, notes=notes)
+        result.images = [{"address": f"{w.address:#x}", "source": w.source,
+                          "sha256": w.plaintext_sha256} for w in plan.flash]
+        if dry_run:
+            result.seconds = time.monotonic() - started
+            return result
+        self._prepare_flash(mac, plan, subject)
+        for write in plan.flash:  # whole regions, every time: nothing tells what is in place
+            self.progress(f"{mac_text}: writing {write.source} at {write.address:#x}")
+            with self._step("write-flash", subject, {"address": f"{write.address:#x}",
+                                                     "source": write.source,
+                                                     "length": len(write.ciphertext),
+                                                     "ciphertext_md5": write.md5,
+                                                     "verified": False}):
+                device.write_flash(write.address, write.ciphertext)
+            write.status = "written"
+        result.result = "written-unverified"
+        result.plan = plan.describe()
+        result.seconds = time.monotonic() - started
+        self.progress(f"{mac_text}: {result.result}")
+        return result
+
+    def _check_security_info(self, info: dict[str, Any], plan: Plan) -> None:
+        crypt_cnt = int(info.get("flash_crypt_cnt", 0))
+        if bin(crypt_cnt).count("1") % 2 == 0:
+            raise DeviceError("the chip reports flash encryption off (SPI_BOOT_CRYPT_CNT "
+                              f"{crypt_cnt:#x}): it was never provisioned")
+        purposes = set(info.get("key_purposes", []))
+        wanted = {KEY_PURPOSE_ID[p] for _, p in plan.fe_blocks if p in KEY_PURPOSE_ID}
+        if wanted and not wanted <= purposes:
+            raise DeviceError(f"the chip holds no {plan.fe_purpose} key (key purposes "
+                              f"{sorted(purposes)}): it was provisioned under another scheme")
+        sb = self.profile.secure_boot
+        if sb is not None and not info.get("parsed_flags", {}).get("SECURE_BOOT_EN", False):
+            raise DeviceError("the chip reports Secure Boot off, but the policy enables it")
+
+    def _table_for_sdm(self) -> list[partitions.Partition]:
+        """The partition table being written, else the policy's image at the table address."""
+        for img in self.images:
+            if img.address == PARTITION_TABLE:
+                return partitions.parse(img.data, img.path)
+        name = self.profile.images.get(f"{PARTITION_TABLE:#x}")
+        if name is not None:
+            path = Path(self.policy.path).parent / name
+            try:
+                return partitions.parse(path.read_bytes(), str(path))
+            except OSError as e:
+                raise InputError(f"{path}: cannot read the policy's partition table "
+                                 f"({e.strerror})") from None
+        raise InputError("the chip is in Secure Download Mode, so its partition table cannot be "
+                         f"read: include it (--image {PARTITION_TABLE:#x}=partitions.bin) so "
+                         "image addresses can be checked")
+
+
+def _device_secure_version(state: hz.EfuseState) -> int | None:
+    """The device's anti-rollback floor from its SECURE_VERSION eFuse (bits set), if it has one."""
+    try:
+        value = state.field("SECURE_VERSION")
+    except InputError:
+        return None
+    if isinstance(value, bool | bytes):
+        return None
+    return bin(int(value)).count("1")
+
+
+def _manifest_row(manifest: str | None, mac: str, chip: str) -> dict[str, Any] | None:
+    """The latest successful provisioning row for `mac` in a manifest (CSV or JSON Lines).
+
+    Raises:
+        DeviceError: the manifest exists but has no successful row for this MAC and chip.
+        InputError: the manifest cannot be read.
+    """
+    if manifest is None or not Path(manifest).exists():
+        return None
+    try:
+        text = Path(manifest).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{manifest}: cannot read the manifest ({e.strerror})") from None
+    if manifest.endswith(".csv"):
+        rows = list(csv.DictReader(text.splitlines()))
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise InputError(f"{manifest}: not JSON Lines ({e})") from None
+    done = [r for r in rows if str(r.get("mac", "")).lower() == mac and r.get("chip") == chip
+            and r.get("result") in ("provisioned", "already-provisioned")]
+    if not done:
+        raise DeviceError(f"{mac} is not a provisioned {chip} in {manifest}: check --device")
+    return done[-1]

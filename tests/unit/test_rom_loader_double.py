@@ -186,9 +186,102 @@ def test_default_reset_on_a_pty_still_connects(efuse_file: Path) -> None:
             esp._port.close()
 
 
-def test_stub_upload_is_refused(esp: ESPLoader) -> None:
+def test_esptools_stub_runs_and_speaks_the_stub_dialect(
+    fake_chip: FakeRomLoader, esp: ESPLoader
+) -> None:
+    stub = esp.run_stub()  # esptool's own stub image, uploaded with MEM_BEGIN/DATA/END
+    assert stub.IS_STUB and fake_chip.stub
+    assert stub.FLASH_WRITE_SIZE == 0x4000
+    data = image(96 * 1024)
+    write_flash(stub, [(IMAGE_ADDRESS, data)], compress=False, no_progress=True)
+    assert stub.flash_md5sum(IMAGE_ADDRESS, len(data)) == hashlib.md5(
+        data, usedforsecurity=False).hexdigest()  # 16 raw bytes on the wire, hex in esptool
+    assert stub.read_flash(IMAGE_ADDRESS, len(data)) == data  # READ_FLASH, acked blocks + MD5
+    stub.erase_region(IMAGE_ADDRESS, 0x1000)
+    assert fake_chip.flash[IMAGE_ADDRESS:IMAGE_ADDRESS + 0x1000] == b"\xff" * 0x1000
+    assert fake_chip.flash[IMAGE_ADDRESS + 0x1000:IMAGE_ADDRESS + len(data)] == data[0x1000:]
+
+
+def test_other_code_in_ram_never_answers(fake_chip: FakeRomLoader, esp: ESPLoader) -> None:
+    esp.mem_begin(64, 1, 64, 0x40080000)
+    esp.mem_block(b"\x00" * 64, 0)
+    esp.mem_finish(0x40080000)  # not esptool's stub: it "runs", no OHAI, the loader is gone
+    assert fake_chip.halted and not fake_chip.stub
     with pytest.raises(FatalError):
-        esp.run_stub()
+        esp.read_reg(esp.CHIP_DETECT_MAGIC_REG_ADDR, timeout=0.2)
+
+
+def test_wire_time_is_bytes_times_ten_over_baud(chip_name: str, efuse_file: Path) -> None:
+    with FakeRomLoader(chip_name, mac=MAC, efuse_file=efuse_file) as fake_chip:
+        esp = detect_chip(fake_chip.port, 115200, "no-reset")  # the chip auto-bauds to 115200
+        try:
+            _write_at_two_rates(fake_chip, esp)
+        finally:
+            esp._port.close()
+
+
+def _write_at_two_rates(fake_chip: FakeRomLoader, esp: ESPLoader) -> None:
+    # The same write costs 8x less wire time at 921600 than at 115200.
+    data = image(32 * 1024)
+    assert fake_chip.baud == 115200
+    before = fake_chip.wire_seconds
+    write_flash(esp, [(IMAGE_ADDRESS, data)], compress=False, no_progress=True)
+    slow = fake_chip.wire_seconds - before
+    assert slow >= len(data) * 10 / 115200  # never below the physical floor
+    esp.change_baud(921600)
+    assert fake_chip.baud == 921600
+    before = fake_chip.wire_seconds
+    write_flash(esp, [(IMAGE_ADDRESS, data)], compress=False, no_progress=True)
+    fast = fake_chip.wire_seconds - before
+    assert len(data) * 10 / 921600 <= fast < slow / 7
+
+
+def test_realtime_wire_is_seen_on_the_clock(efuse_file: Path) -> None:
+    import time
+
+    with FakeRomLoader("esp32s3", mac=MAC, efuse_file=efuse_file, realtime=1.0) as chip:
+        esp = detect_chip(chip.port, 115200, "no-reset")
+        try:
+            started, wire = time.monotonic(), chip.wire_seconds
+            esp.flash_begin(0x1000, IMAGE_ADDRESS)
+            esp.flash_block(b"\x00" * esp.FLASH_WRITE_SIZE, 0)  # ~89 ms on the wire
+            assert time.monotonic() - started >= chip.wire_seconds - wire > 0.08
+        finally:
+            esp._port.close()
+
+
+def test_a_frame_at_the_wrong_rate_is_garbled(fake_chip: FakeRomLoader, esp: ESPLoader) -> None:
+    esp._set_port_baudrate(460800)  # the host moves, the chip did not
+    with pytest.raises(FatalError):
+        esp.read_reg(esp.CHIP_DETECT_MAGIC_REG_ADDR, timeout=0.3)
+    assert fake_chip.garbled_frames >= 1
+    esp._set_port_baudrate(BAUD)
+    esp.flush_input()  # a new SLIP reader: esptool's gives up after a timeout
+    esp.read_reg(esp.CHIP_DETECT_MAGIC_REG_ADDR)
+
+
+def test_secure_download_mode_refuses_reads_and_the_stub(efuse_file: Path) -> None:
+    with FakeRomLoader("esp32s3", mac=MAC, efuse_file=efuse_file) as chip:
+        esp = detect_chip(chip.port, BAUD, "no-reset")
+        init_commands(esp=esp, do_not_confirm=True).burn_efuse({"ENABLE_SECURITY_DOWNLOAD": "1"})
+        esp._port.close()
+    with FakeRomLoader("esp32s3", efuse_file=efuse_file) as chip:  # after reset: SDM
+        esp = detect_chip(chip.port, BAUD, "no-reset")
+        try:
+            assert chip.secure_download and esp.secure_download_mode
+            data = image(8 * 1024)
+            blocks = esp.flash_begin(len(data), IMAGE_ADDRESS)
+            for seq in range(blocks):
+                esp.flash_block(data[seq * 0x400:(seq + 1) * 0x400], seq)
+            assert bytes(chip.flash[IMAGE_ADDRESS:IMAGE_ADDRESS + len(data)]) == data
+            for refused in (lambda: esp.read_reg(esp.CHIP_DETECT_MAGIC_REG_ADDR),
+                            lambda: esp.flash_md5sum(IMAGE_ADDRESS, len(data)),
+                            lambda: esp.read_flash_slow(IMAGE_ADDRESS, 64, None),
+                            lambda: esp.mem_begin(64, 1, 64, 0x40380000)):
+                with pytest.raises(FatalError):
+                    refused()
+        finally:
+            esp._port.close()
 
 
 def test_connection_drop_mid_write_raises(efuse_file: Path) -> None:
