@@ -1217,6 +1217,10 @@ from hsmflash.cli.credentials import credentials_app  # noqa: E402
 
 app.add_typer(credentials_app, name="credentials")
 
+from hsmflash.cli.partitions import partitions_app  # noqa: E402
+
+app.add_typer(partitions_app, name="partitions")
+
 
 @app.command("flash")
 def flash_cmd(
