@@ -298,6 +298,27 @@ def sign_sbv2(
     return content + sector
 
 
+def sign_sbv2_data(content: bytes, signer: DigestSigner, name: str = "data") -> bytes:
+    """`content` followed by a Secure Boot V2 signature sector with one block, for data that is
+    not an ESP image (the hsmflash app image); `espsecure verify-signature --version 2` checks it.
+
+    Raises:
+        InputError: `content` is empty or not a multiple of 4096 bytes; the key is not RSA-3072,
+            EC P-256 or EC P-384.
+        VerificationFailed: the signer returned a signature its public key rejects.
+        Errors of the signer (e.g. TokenError) pass through.
+    """
+    if not content or len(content) % SECTOR_SIZE:
+        raise InputError(f"{name}: {len(content)} bytes is not a whole number of 4 KiB sectors; "
+                         "a signature sector can only follow 4 KiB-aligned content")
+    public_key = signer.public_key()
+    algorithm = key_algorithm(public_key)
+    digest = _content_digest(algorithm, content)
+    signature = _sign_checked(signer, algorithm, digest)
+    sector = _signature_block(public_key, algorithm, digest, signature)
+    return content + sector + b"\xff" * (SECTOR_SIZE - len(sector))
+
+
 def verify_sbv2(image: bytes, public_key: PublicKey, name: str = "image") -> int:
     """Index of the Secure Boot V2 signature block that `public_key` signed over this image.
 
