@@ -73,6 +73,8 @@ class CredentialRules:
     nvs_address: int | None = None
     nvs_size: int = 0x6000
     nvs_keys_address: int | None = None
+    # provisioning writes credentials into the nvs/nvs_keys partitions of the device's table
+    provision: bool = False
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         credentials = CredentialRules(
             master, rkey, cr.get("server_url", str, ""),
             cr.get("username_template", str, "{device_id}"), namespace, nvs_address, nvs_size,
-            nvs_keys_address)
+            nvs_keys_address, cr.get("provision", bool, False))
         cr.done()
 
     lim = _Fields(top.get("limits", dict, {}), "limits", source)

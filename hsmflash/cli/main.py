@@ -1136,7 +1136,8 @@ def _run_devices(c: Context, kind: str, chip: str, specs: list[dict[str, Any]], 
 def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | None,
                     virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
                     image: list[str] | None, dry_run: bool, manifest: str | None,
-                    baud: int) -> None:
+                    baud: int, app_image: Path | None = None,
+                    vfs_dir: Path | None = None) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
@@ -1150,13 +1151,38 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
     specs = _device_specs(port, virtual_efuses, virtual_flash)
     if manifest is not None:
         check_output(manifest, "manifest")
-    images = _images_for(c, chip, image)
+    # flash --app alone writes just the app, not the policy's default images
+    images = _images_for(c, chip, image) if image or app_image is None else []
+    images = _partition_images(kind, images, app_image, vfs_dir)
     # refuse bad images, unsigned images and policy problems before any device is touched
     worker = Reflasher if kind == "flash" else Provisioner
     with c.station() as st:
         worker(st, st.policy, get_chip(chip), images)
     results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest)
     _finish_devices(c, specs, results)
+
+
+def _partition_images(kind: str, images: list[Any], app_image: Path | None,
+                      vfs_dir: Path | None) -> list[Any]:
+    """--app goes to the romfs partition, the vfs LittleFS to vfs: addresses from the table
+    written (provision) or the device's own (flash)."""
+    from hsmflash.fileio import read_input
+    from hsmflash.provision.provisioner import ImageSpec, add_partition_images
+
+    app = (str(app_image), read_input(app_image, "app image")) if app_image else None
+    if kind == "provision":
+        return add_partition_images(images, app=app, vfs_dir=vfs_dir)
+    if vfs_dir is not None:
+        raise UsageError("--vfs-dir is for provision: re-flash keeps the device's filesystem")
+    return images + ([ImageSpec(-1, app[0], app[1], "romfs")] if app else [])
+
+
+AppOpt = Annotated[Path | None, typer.Option(
+    "--app", help="Signed app image (`hsmflash app build`): written encrypted to the romfs "
+    "partition of the device's table, after its signature checks against the policy's keys.")]
+VfsDirOpt = Annotated[Path | None, typer.Option(
+    "--vfs-dir", help="Files for the vfs partition: provisioning writes it as a formatted "
+    "LittleFS, encrypted for the device (empty without this option).")]
 
 
 def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any]) -> None:
@@ -1201,6 +1227,8 @@ def provision_cmd(
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
     baud: BaudOpt = 460800,
+    app_image: AppOpt = None,
+    vfs_dir: VfsDirOpt = None,
 ) -> None:
     """Turn blank chips into locked devices: per-device keys burned, Secure Boot enabled,
     images encrypted for each device, debug and download paths closed as the policy says.
@@ -1209,7 +1237,7 @@ def provision_cmd(
     reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
     """
     _device_command(ctx, "provision", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, app_image, vfs_dir)
 
 
 # per-device credentials live in their own module; registered here, at the edge
@@ -1234,6 +1262,7 @@ def flash_cmd(
                                           "nothing.")] = False,
     manifest: ManifestOpt = None,
     baud: BaudOpt = 460800,
+    app_image: AppOpt = None,
 ) -> None:
     """Re-flash provisioned devices (field update, RMA): each device's key is re-derived in the
     token from the MAC it reports; no key files exist anywhere.
@@ -1242,10 +1271,10 @@ def flash_cmd(
     policy, an image is not signed by a key the device holds, or an address is outside the
     device's encrypted partitions. Never writes eFuses. Re-run to complete an interrupted write.
     """
-    if not image:
-        raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
+    if not image and app_image is None:
+        raise UsageError("give the images to write: --image ADDR=FILE (repeat) or --app")
     _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud)
+                    manifest, baud, app_image)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

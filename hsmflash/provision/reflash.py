@@ -14,6 +14,7 @@ re-run after an interrupted write completes the image.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from hsmflash.chips import SBV2
@@ -36,6 +37,30 @@ class Reflasher(Provisioner):
     @property
     def _credentials(self) -> Any:
         return None  # credentials are issued at provisioning, not on re-flash
+
+    def _place_credentials(self, found: Any) -> None:
+        return None  # nor is the table the images carry used: the device's own table is
+
+    def _resolve(self, table: list[partitions.Partition]) -> None:
+        """Images that fill a partition (`--app`) take its address from the device's table.
+
+        Raises:
+            InputError: the device's table has no such partition, or the image is larger.
+        """
+        resolved = []
+        for img in self.images:
+            if img.address == -1:
+                part = (partitions.find_romfs(table) if img.partition == "romfs"
+                        else partitions.find(table, img.partition))
+                if part is None:
+                    raise InputError(f"{img.path}: the device's partition table has no "
+                                     f"{img.partition} partition")
+                if len(img.data) > part.size:
+                    raise InputError(f"{img.path} is {len(img.data)} bytes, larger than the "
+                                     f"device's {part.label} partition ({part.size} bytes)")
+                img = replace(img, address=part.offset)
+            resolved.append(img)
+        self.images = sorted(resolved, key=lambda i: i.address)
 
     def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
         (plain,) = self.device_crypt(mac, [(address, data)], decrypt=True,
@@ -141,8 +166,9 @@ class Reflasher(Provisioner):
             state = hz.read_state(device)
             plan.fe_kcv = self._check_device_key(device, mac, state)
             self._check_device_digests(state)
-            self._plan_flash(plan, mac)
             table = self._device_partitions(device, mac)
+            self._resolve(table)
+            self._plan_flash(plan, mac)
             self._check_addresses(table, plan)
             out["fe_kcv"] = plan.fe_kcv
             out.update(self._take_exports())
