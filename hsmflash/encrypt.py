@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_256, Chip
+from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_128_FROM_128, XTS_AES_256, Chip
 from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import flashcrypt, kdf
 from hsmflash.keyuse import DerivedKey, Station, wipe
@@ -24,10 +24,14 @@ PURPOSE_FOR_SCHEME = {
     XTS_AES_128: "XTS_AES_128_KEY",
     XTS_AES_256: "XTS_AES_256_KEY",
     ESP32_AES256: "FLASH_ENCRYPTION",
+    XTS_AES_128_FROM_128: "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS",
 }
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
 PATH_ESP32_EXPORT = "esp32-transient-export"
+# ESP32-C2's 128-bit key: SHA-256 expansion needs the key bytes (no token digests a key into
+# two AES objects), so the derived key is exported to memory, expanded, used and wiped
+PATH_EFUSE128_EXPORT = "efuse128-transient-export"
 
 
 @dataclass
@@ -128,6 +132,11 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         if "derive" not in master.usage:
             raise TokenError(f"master key {master.name!r} does not allow derivation "
                              "(CKA_DERIVE is false)")
+    if key is not None and scheme == XTS_AES_128_FROM_128:
+        raise TokenError(
+            f"{scheme} expands the 128-bit device key with SHA-256 outside the token, and "
+            "stored keys never leave it: use --master NAME --device MAC (or an xts-aes-128 key "
+            "holding the expanded pair)")
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
     if key is not None and scheme == ESP32_AES256:
@@ -139,6 +148,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     xor_in_token = scheme == ESP32_AES256 and st.supports("XOR_BASE_AND_DATA")
     path = PATH_XTS if scheme != ESP32_AES256 else (
         PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
+    if scheme == XTS_AES_128_FROM_128:
+        path = PATH_EFUSE128_EXPORT
     mac = kdf.format_mac(device) if device is not None else None
     policy = st.policy
 
@@ -149,6 +160,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             policy.check_master(master.name, chip.name if chip.name in policy.chips else None)
         if path == PATH_ESP32_EXPORT:
             policy.check_export("esp32_classic_transient")
+        if path == PATH_EFUSE128_EXPORT:
+            policy.check_export("efuse128_transient")
 
     used = key if key is not None else master
     if used is None:
@@ -165,11 +178,14 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         try:
             if master is not None and device is not None:
                 derived = st.derive(master, device, PURPOSE_FOR_SCHEME[scheme],
-                                    exportable=(path == PATH_ESP32_EXPORT))
+                                    exportable=path in (PATH_ESP32_EXPORT, PATH_EFUSE128_EXPORT))
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
-            if scheme != ESP32_AES256:
+            if path == PATH_EFUSE128_EXPORT and derived is not None:
+                out = efuse128_crypt(st, derived, [(address, data)], decrypt)[0]
+                outcome["exported"] = {"kcv": kcv, "why": "efuse128_transient"}
+            elif scheme != ESP32_AES256:
                 k1, k2 = derived.ciphers() if derived else (st.cipher(used, 0), st.cipher(used, 1))
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
@@ -191,6 +207,21 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         out_sha = hashlib.sha256(out).hexdigest()
         outcome.update({"kcv_used": kcv, "output_sha256": out_sha})
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
+
+
+def efuse128_crypt(st: Station, derived: DerivedKey, regions: list[tuple[int, bytes]],
+                   decrypt: bool) -> list[bytes]:
+    """XTS with a 128-bit eFuse key (ESP32-C2): export it to memory (the caller checked the
+    policy and records the export), expand with SHA-256 as the chip does, use, wipe."""
+    secret = st.export(derived, "ESP32-C2 flash encryption (SHA-256 key expansion)")
+    expanded = bytearray(flashcrypt.expand_efuse_128(secret))
+    try:
+        k1, k2 = flashcrypt.software_xts_pair(expanded)
+        fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
+        return [fn(data, address, k1, k2) for address, data in regions]
+    finally:
+        wipe(secret)
+        wipe(expanded)
 
 
 def _esp32_xor_in_token(st: Station, derived: DerivedKey, data: bytes, address: int,

@@ -59,6 +59,7 @@ class ExportRules:
     esp32_classic_transient: bool = False
     decrypt: bool = False
     device_secrets: bool = False
+    efuse128_transient: bool = False  # ESP32-C2: 128-bit key expanded with SHA-256 in memory
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,10 @@ class Policy:
                 "efuse_burn": "burning it into the chip's eFuses",
                 "esp32_classic_transient": (
                     "ESP32-classic flash encryption on a token without CKM_XOR_BASE_AND_DATA"
+                ),
+                "efuse128_transient": (
+                    "ESP32-C2 flash encryption (its 128-bit key is expanded with SHA-256 in "
+                    "memory)"
                 ),
                 "device_secrets": (
                     "writing a device's credential and NVS keys into its NVS partitions"
@@ -294,6 +299,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         esp32_classic_transient=ex.get("esp32_classic_transient", bool, False),
         decrypt=ex.get("decrypt", bool, False),
         device_secrets=ex.get("device_secrets", bool, False),
+        efuse128_transient=ex.get("efuse128_transient", bool, False),
     )
     ex.done()
     credentials = None
