@@ -1253,6 +1253,7 @@ app.add_typer(partitions_app, name="partitions")
 from hsmflash.cli.app import app_app  # noqa: E402
 
 app.add_typer(app_app, name="app")
+import hsmflash.cli.app_check  # noqa: E402, F401 - registers `app check` on the app group
 
 
 @app.command("flash")
