@@ -40,8 +40,8 @@ class BytesPartition:
     def size(self):
         return len(self.data)
 
-    def read(self, offset, length):
-        return memoryview(self.data)[offset:offset + length]
+    def readinto(self, offset, buf):
+        buf[:] = memoryview(self.data)[offset:offset + len(buf)]
 
     def mount(self, length):
         vfs.mount(vfs.VfsRom(memoryview(self.data)[:length]), '/rom')

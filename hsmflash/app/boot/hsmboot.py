@@ -113,20 +113,23 @@ def _check_blocks(sector, n, e, digest):
     raise BootError("; ".join(seen))
 
 
-def verify(read, size, n, e, min_version, mpy_version=None):
-    """Verify the app image at offset 0 of a partition of `size` bytes, read through
-    `read(offset, length)` (4 KiB-aligned offsets). Returns (app version, ROMFS length).
-    Raises BootError naming the first problem."""
+def verify(readinto, size, n, e, min_version, mpy_version=None):
+    """Verify the app image at offset 0 of a partition of `size` bytes; `readinto(offset, buf)`
+    fills `buf` (4 KiB, 4 KiB-aligned offsets) from the partition. Four 4 KiB buffers, however
+    large the image. Returns (app version, ROMFS length); raises BootError naming the first
+    problem."""
     if size < 3 * SECTOR:
         raise BootError("app image truncated (or romfs partition too small): %d bytes" % size)
-    head = read(0, SECTOR)
-    length = romfs_length(head)
+    buf = bytearray(SECTOR)
+    readinto(0, buf)
+    length = romfs_length(buf)
     padded = (length + SECTOR - 1) // SECTOR * SECTOR
     if padded + 2 * SECTOR > size:
         raise BootError("app image truncated: ROMFS of %d bytes, descriptor and signature "
                         "need %d bytes, the partition has %d" % (length, padded + 2 * SECTOR, size))
-    desc = read(padded, SECTOR)
-    if len(desc) != SECTOR or bytes(desc[:6]) != MAGIC:
+    desc = bytearray(SECTOR)
+    readinto(padded, desc)
+    if bytes(desc[:6]) != MAGIC:
         raise BootError("no hsmflash-app-v1 descriptor after the ROMFS image")
     version = _u32(desc, 6)
     if _u32(desc, 10) != length:
@@ -138,23 +141,22 @@ def verify(read, size, n, e, min_version, mpy_version=None):
         raise BootError("app is .mpy v%d, this firmware loads v%d" % (desc[46], mpy_version))
     if version < min_version:
         raise BootError("app version %d is below the minimum %d" % (version, min_version))
-    sector = read(padded + SECTOR, SECTOR)
-    if len(sector) != SECTOR:
-        raise BootError("app image is truncated (no signature sector)")
+    sector = bytearray(SECTOR)
+    readinto(padded + SECTOR, sector)
     # one pass over the signed content: SHA-256 of everything before the signature sector, and
     # of the ROMFS image alone (the descriptor's digest)
     whole = hashlib.sha256()
     romfs = hashlib.sha256()
+    view = memoryview(buf)
     offset = 0
     while offset < padded:
-        chunk = head if offset == 0 else read(offset, SECTOR)
-        if len(chunk) != SECTOR:
-            raise BootError("app image is truncated")
-        whole.update(chunk)
+        if offset:
+            readinto(offset, buf)
+        whole.update(buf)
         if offset + SECTOR <= length:
-            romfs.update(chunk)
+            romfs.update(buf)
         elif offset < length:
-            romfs.update(bytes(chunk[:length - offset]))
+            romfs.update(view[:length - offset])
         offset += SECTOR
     whole.update(desc)
     _check_blocks(sector, n, e, whole.digest())
@@ -190,12 +192,8 @@ class Esp32:
     def size(self):
         return self._size
 
-    def read(self, offset, length):
-        if offset + length > self._size:
-            return b""
-        buf = bytearray(length)
+    def readinto(self, offset, buf):
         self.part.readblocks(offset // self.block, buf)
-        return buf
 
     def mount(self, length):
         import vfs
@@ -242,11 +240,11 @@ class PycomFile:
     def size(self):
         return self._size
 
-    def read(self, offset, length):
+    def readinto(self, offset, buf):
         if self.data is None:
             with open(self.path, "rb") as f:
                 self.data = f.read()
-        return memoryview(self.data)[offset:offset + length]
+        buf[:] = memoryview(self.data)[offset:offset + len(buf)]
 
     def mount(self, length):
         import uos
@@ -384,7 +382,7 @@ class RomUserFS:
 def _run(hw, n, e, min_version):
     sys.path[:] = hw.frozen_path  # nothing outside the firmware is importable until verified
     hw.lock_console()
-    version, length = verify(hw.read, hw.size(), n, e, min_version, firmware_mpy_version())
+    version, length = verify(hw.readinto, hw.size(), n, e, min_version, firmware_mpy_version())
     hw.mount(length)
     sys.path[:] = hw.import_path
     __import__("main")
