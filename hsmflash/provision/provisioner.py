@@ -311,6 +311,10 @@ class Provisioner:
         self.policy = policy
         self.chip = chip
         self.profile: ChipProfile = policy.profile(chip.name)
+        if self.chip.name == "esp32c2":
+            raise PolicyRefused("provisioning ESP32-C2 is not supported yet (its one key block "
+                                "holds the 128-bit flash key and the Secure Boot digest in "
+                                "halves); `hsmflash encrypt --chip esp32c2` works")
         self.images = images
         self.progress = progress or (lambda _msg: None)
         self.master = st.key(self.profile.derive_master)

@@ -95,3 +95,16 @@ def test_c2_sbv2_takes_ec_p256_only() -> None:
     c2 = get_chip("esp32c2")
     assert c2.sbv2_algorithms == ("ec-p256",)
     assert c2.default_flash_encryption() == "xts-aes-128-from-128"
+
+
+def test_provisioning_a_virtual_c2_is_refused_clearly_before_any_burn(
+        cli, tmp_path: Path, policy_file: Path) -> None:
+    efuse, flash = tmp_path / "c2.efuse", tmp_path / "c2.flash"
+    r = cli("virtual", "create", "--chip", "esp32c2", "--mac", MAC, "--efuse-file", efuse)
+    assert r.code == 0, r.output
+    before = efuse.read_bytes()
+    (tmp_path / "app.bin").write_bytes(b"\xe9" + bytes(4095))
+    r = cli("--policy", policy_file, "provision", "--chip", "esp32c2", "--virtual-efuses",
+            efuse, "--virtual-flash", flash, "--image", f"0x10000={tmp_path / 'app.bin'}")
+    assert r.code == 5 and "ESP32-C2 is not supported yet" in r.err, r.output
+    assert efuse.read_bytes() == before and not flash.exists()
