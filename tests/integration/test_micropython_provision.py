@@ -181,3 +181,58 @@ def test_credentials_without_a_table_are_refused(bench: Bench, cli: Callable[...
     r = bench.provision(CHIP, efuse, flash, images=args)
     assert r.code == BAD_INPUT and "0x8000=TABLE" in r.err, r.output
     assert snapshot(efuse, flash) == before
+
+
+def test_provisioned_romfs_boots_in_micropython_and_reflash_takes_the_devices_table(
+        bench: Bench, cli: Callable[..., Result], tmp_path: Path) -> None:
+    """`app build` -> provision -> the romfs partition as the chip decrypts it, whole (noise
+    after the image), boots through the boot module in a real MicroPython; `flash --app`
+    writes a new version at the address of the device's own table."""
+    from mpwasm import copy_bootcode, run_micropython, stage
+
+    key = f"{bench.uniq}-sb-release"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "main.py").write_text("import meter\nprint('APP RUNNING', meter.VERSION)\n")
+    (src / "meter.py").write_text("VERSION = 'v1'\n")
+    app1 = tmp_path / "app1.img"
+    r = bench.cli("--policy", bench.policy, "app", "build", src, "-o", app1, "--key", key,
+                  "--app-version", "1")
+    assert r.code == 0, r.output
+    efuse, flash = bench.new_chip(tmp_path, CHIP)
+    r = bench.provision(CHIP, efuse, flash, "--app", app1,
+                        images=images_with(bench, table_file(tmp_path, TEMPLATE)))
+    assert r.code == 0, r.output
+    device_key = bench.spec_key(MACS[CHIP], "XTS_AES_128_KEY")
+
+    def romfs_as_the_chip_reads_it() -> bytes:
+        raw = flash.read_bytes()[ROMFS.offset:ROMFS.offset + ROMFS.size]
+        return espsecure_decrypt(device_key, raw, ROMFS.offset, xts=True)
+
+    boot_dir = tmp_path / "boot"
+    r = bench.cli("--policy", bench.policy, "app", "bootcode", "--key", key, "-o", boot_dir,
+                  "--min-version", "1")
+    assert r.code == 0, r.output
+    guest = tmp_path / "guest"
+    copy_bootcode(boot_dir, guest)
+    stage(guest, {"romfs.bin": romfs_as_the_chip_reads_it()})
+    out = run_micropython("import hsmboot_key as k\n"
+                          "hsmboot.boot(BytesPartition('/input/romfs.bin'), k.N, k.E, "
+                          "k.MIN_VERSION)\n", guest)
+    assert "APP RUNNING v1" in out, out
+
+    # field update: the new app goes where the device's table puts romfs
+    (src / "meter.py").write_text("VERSION = 'v2'\n")
+    app2 = tmp_path / "app2.img"
+    assert bench.cli("--policy", bench.policy, "app", "build", src, "-o", app2, "--key", key,
+                     "--app-version", "2").code == 0
+    r = bench.cli("--policy", bench.policy, "flash", "--chip", CHIP, "--virtual-efuses", efuse,
+                  "--virtual-flash", flash, "--app", app2)
+    assert r.code == 0, r.output
+    plain = romfs_as_the_chip_reads_it()
+    assert plain.startswith(app2.read_bytes())
+    stage(guest, {"romfs.bin": plain})
+    out = run_micropython("import hsmboot_key as k\n"
+                          "hsmboot.boot(BytesPartition('/input/romfs.bin'), k.N, k.E, "
+                          "k.MIN_VERSION)\n", guest)
+    assert "APP RUNNING v2" in out, out
