@@ -36,7 +36,9 @@ def check_cmd(
 
     c = ctx_of(ctx)
     parts = partitions.read_table(read_input(table, "partition table"), str(table))
-    credentials = c.policy_path is not None and c.policy.credentials is not None
+    from hsmflash.provision.provisioner import credentials_asked
+
+    credentials = c.policy_path is not None and credentials_asked(c.policy)
     problems = partitions.protection_problems(parts, credentials=credentials)
     rows = [{"label": p.label, "type": p.type, "subtype": p.subtype,
              "offset": f"{p.offset:#x}", "size": f"{p.size:#x}",

@@ -91,3 +91,12 @@ def test_cli_check_garbage_is_bad_input(tmp_path: Path) -> None:
     table.write_bytes(b"\x00\xff" * 100)
     r = run_cli("partitions", "check", table)
     assert r.code == BAD_INPUT and "junk.bin" in r.err
+
+
+def test_cli_check_under_a_credentials_policy_needs_nvs_keys(tmp_path: Path,
+                                                             policy_file: Path) -> None:
+    table = tmp_path / "upstream.csv"
+    table.write_text(UPSTREAM_ROMFS.replace("0x20000,", "0x20000, encrypted"))
+    assert run_cli("partitions", "check", table).code == 0  # no credentials asked: fine
+    r = run_cli("--policy", policy_file, "partitions", "check", table)
+    assert r.code == REFUSED and "nvs_keys" in r.err, r.output
