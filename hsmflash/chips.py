@@ -13,6 +13,9 @@ from hsmflash.errors import InputError
 ESP32_AES256 = "esp32-aes-256"  # ESP32 classic: per-32-byte tweaked key, FLASH_CRYPT_CONFIG
 XTS_AES_128 = "xts-aes-128"
 XTS_AES_256 = "xts-aes-256"
+# ESP32-C2: a 128-bit eFuse key (low half of BLOCK_KEY0), which the chip expands with SHA-256
+# into the XTS-AES-128 key pair (espsecure does the same for 16-byte key files)
+XTS_AES_128_FROM_128 = "xts-aes-128-from-128"
 
 # Secure Boot schemes
 SBV1 = "sbv1"
@@ -86,6 +89,9 @@ CHIPS: dict[str, Chip] = {
              flash_maps=((0x42000000, 0x44000000), (0x3C000000, 0x3E000000))),
         Chip("esp32c3", "ESP32-C3", (XTS_AES_128,), ("rsa-3072",), 3, key_blocks=_KEY_BLOCKS_6,
              image_chip_id=5, flash_maps=((0x42000000, 0x42800000), (0x3C000000, 0x3C800000))),
+        Chip("esp32c2", "ESP32-C2 (ESP8684): 128-bit flash-encryption key, SBv2 ECDSA P-256",
+             (XTS_AES_128_FROM_128, XTS_AES_128), ("ec-p256",), 1, key_blocks=("BLOCK_KEY0",),
+             image_chip_id=12, flash_maps=((0x42000000, 0x42400000), (0x3C000000, 0x3C400000))),
         Chip("esp32c6", "ESP32-C6", (XTS_AES_128,), ("rsa-3072", "ec-p256"), 3,
              key_blocks=_KEY_BLOCKS_6, image_chip_id=13,
              flash_maps=((0x42000000, 0x42800000), (0x42800000, 0x43000000))),

@@ -13,21 +13,25 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_256, Chip
+from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_128_FROM_128, XTS_AES_256, Chip
 from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import flashcrypt, kdf
-from hsmflash.keyuse import DerivedKey, Station, check_master, wipe
+from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
 from hsmflash.token.keys import TokenKey
 
 PURPOSE_FOR_SCHEME = {
     XTS_AES_128: "XTS_AES_128_KEY",
     XTS_AES_256: "XTS_AES_256_KEY",
     ESP32_AES256: "FLASH_ENCRYPTION",
+    XTS_AES_128_FROM_128: "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS",
 }
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
 PATH_ESP32_EXPORT = "esp32-transient-export"
 PATH_ESP32_STORED_EXPORT = "esp32-stored-key-transient-export"
+# ESP32-C2's 128-bit key: SHA-256 expansion needs the key bytes (no token digests a key into
+# two AES objects), so the derived key is exported to memory, expanded, used and wiped
+PATH_EFUSE128_EXPORT = "efuse128-transient-export"
 
 
 @dataclass
@@ -129,6 +133,11 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             raise InputError("--master needs --device MAC")
         kdf.check_device_id(device)
         check_master(master)
+    if key is not None and scheme == XTS_AES_128_FROM_128:
+        raise TokenError(
+            f"{scheme} expands the 128-bit device key with SHA-256 outside the token, and "
+            "stored keys never leave it: use --master NAME --device MAC (or an xts-aes-128 key "
+            "holding the expanded pair)")
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
     xor_in_token = scheme == ESP32_AES256 and st.profile().has("xor_derivation")
@@ -138,6 +147,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     path = PATH_XTS if scheme != ESP32_AES256 else (
         PATH_ESP32_STORED_EXPORT if stored_export
         else PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
+    if scheme == XTS_AES_128_FROM_128:
+        path = PATH_EFUSE128_EXPORT
     mac = kdf.format_mac(device) if device is not None else None
     policy = st.policy
 
@@ -156,7 +167,8 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         subject["device"] = mac
     op = "decrypt" if decrypt else "encrypt"
     exports = {PATH_ESP32_EXPORT: ["esp32_classic_transient"],
-               PATH_ESP32_STORED_EXPORT: ["esp32_classic_stored_transient"]}.get(path, [])
+               PATH_ESP32_STORED_EXPORT: ["esp32_classic_stored_transient"],
+               PATH_EFUSE128_EXPORT: ["efuse128_transient"]}.get(path, [])
     with st.use(op, used, subject=subject, check=check, exports=exports,
                 detail={"chip": chip.name, "scheme": scheme, "address": f"{address:#x}",
                         "path": path}) as outcome:
@@ -164,12 +176,15 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         try:
             if master is not None and device is not None:
                 derived = outcome.derive(device, PURPOSE_FOR_SCHEME[scheme],
-                                         exportable=(path == PATH_ESP32_EXPORT),
+                                         exportable=path in (PATH_ESP32_EXPORT,
+                                                             PATH_EFUSE128_EXPORT),
                                          derive_further=(path == PATH_ESP32_XOR))
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
-            if scheme != ESP32_AES256:
+            if path == PATH_EFUSE128_EXPORT and derived is not None:
+                out = efuse128_crypt(outcome, derived, [(address, data)], decrypt)[0]
+            elif scheme != ESP32_AES256:
                 k1, k2 = derived.ciphers() if derived else (outcome.cipher(0), outcome.cipher(1))
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
@@ -202,6 +217,22 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         out_sha = hashlib.sha256(out).hexdigest()
         outcome.update({"kcv_used": kcv, "output_sha256": out_sha})
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
+
+
+def efuse128_crypt(use: KeyUse, derived: DerivedKey, regions: list[tuple[int, bytes]],
+                   decrypt: bool) -> list[bytes]:
+    """XTS with a 128-bit eFuse key (ESP32-C2): export it to memory (declared to the use as
+    `efuse128_transient`, recorded with its KCV), expand with SHA-256 as the chip does, use,
+    wipe."""
+    secret = use.export(derived, "efuse128_transient")
+    expanded = bytearray(flashcrypt.expand_efuse_128(secret))
+    try:
+        k1, k2 = flashcrypt.software_xts_pair(expanded)
+        fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
+        return [fn(data, address, k1, k2) for address, data in regions]
+    finally:
+        wipe(secret)
+        wipe(expanded)
 
 
 def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> bool:

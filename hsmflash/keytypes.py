@@ -49,6 +49,9 @@ def check_type_usage(key_type: str, usage: tuple[str, ...] | list[str] | None) -
     Raises:
         InputError: unknown type or a usage the type cannot have.
     """
+    if key_type in ("ec-p192", "ecdsa-p192", "p192"):
+        raise InputError(f"key type {key_type!r}: ECDSA P-192 is too weak (about 96-bit "
+                         "security); hsmflash refuses it. ESP32-C2 Secure Boot V2 takes ec-p256")
     if key_type not in KEY_TYPES:
         raise InputError(f"unknown key type {key_type!r} (one of: {', '.join(KEY_TYPES)})")
     chosen = tuple(usage) if usage else DEFAULT_USAGE[key_type]

@@ -96,6 +96,7 @@ class ExportRules:
     esp32_classic_stored_transient: bool = False  # a migrated ESP32 key, wrapped out per use
     decrypt: bool = False
     device_secrets: bool = False
+    efuse128_transient: bool = False  # ESP32-C2: 128-bit key expanded with SHA-256 in memory
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class CredentialRules:
     nvs_size: int = 0x6000
     nvs_keys_address: int | None = None
     kind: str = "secret"  # what provisioning writes: "secret" (derived) or "x509"
+    # provisioning writes credentials into the nvs/nvs_keys partitions of the device's table
+    provision: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,10 @@ class Policy:
                     "ESP32-classic flash encryption with a stored (migrated) key on a token "
                     "without CKM_XOR_BASE_AND_DATA (the key is imported wrappable and wrapped "
                     "out to memory per use)"
+                ),
+                "efuse128_transient": (
+                    "ESP32-C2 flash encryption (its 128-bit key is expanded with SHA-256 in "
+                    "memory)"
                 ),
                 "device_secrets": (
                     "writing a device's credential and NVS keys into its NVS partitions"
@@ -369,6 +376,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         esp32_classic_stored_transient=ex.get("esp32_classic_stored_transient", bool, False),
         decrypt=ex.get("decrypt", bool, False),
         device_secrets=ex.get("device_secrets", bool, False),
+        efuse128_transient=ex.get("efuse128_transient", bool, False),
     )
     ex.done()
     credentials = None
@@ -397,7 +405,7 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         credentials = CredentialRules(
             master, rkey, cr.get("server_url", str, ""),
             cr.get("username_template", str, "{device_id}"), namespace, nvs_address, nvs_size,
-            nvs_keys_address, kind)
+            nvs_keys_address, kind, cr.get("provision", bool, False))
         cr.done()
     ca = _parse_ca(top.get("ca", dict, None), keys, source)
 

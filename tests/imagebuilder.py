@@ -48,6 +48,9 @@ LAYOUTS: dict[str, Layout] = {
     "esp32c3": Layout(
         0x3C000020, 0x42000020, 0x40380000, 0x3FC88000, 0x403CE000, 0x3FCD5000, "rv32imc"
     ),
+    "esp32c2": Layout(
+        0x3C000020, 0x42000020, 0x4037C000, 0x3FCA0000, 0x403AE000, 0x3FCD8000, "rv32imc"
+    ),
     "esp32c6": Layout(
         0x42800020, 0x42000020, 0x40800000, 0x40820000, 0x40869000, 0x4086E000, "rv32imc"
     ),

@@ -1305,7 +1305,8 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
                     virtual_efuses: list[str] | None, virtual_flash: list[str] | None,
                     image: list[str] | None, dry_run: bool, manifest: str | None,
                     baud: int, allow_rewrite: tuple[str, ...] = (), *, stub: bool = True,
-                    device_mac: str | None = None) -> None:
+                    device_mac: str | None = None, app_image: Path | None = None,
+                    vfs_dir: Path | None = None) -> None:
     """provision / flash: check policy and images once, then run every device."""
     from hsmflash.chips import get_chip
     from hsmflash.fileio import check_output
@@ -1319,7 +1320,9 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
     specs = _device_specs(port, virtual_efuses, virtual_flash)
     if manifest is not None:
         check_output(manifest, "manifest")
-    images = _images_for(c, chip, image)
+    # flash --app alone writes just the app, not the policy's default images
+    images = _images_for(c, chip, image) if image or app_image is None else []
+    images = _partition_images(kind, images, app_image, vfs_dir)
     # refuse bad images, unsigned images and policy problems before any device is touched
     with c.station() as st:
         if kind == "flash":
@@ -1329,6 +1332,29 @@ def _device_command(ctx: typer.Context, kind: str, chip: str, port: list[str] | 
     results = _run_devices(c, kind, chip, specs, baud, images, dry_run, manifest,
                            allow_rewrite, stub=stub, device_mac=device_mac)
     _finish_devices(c, specs, results)
+
+
+def _partition_images(kind: str, images: list[Any], app_image: Path | None,
+                      vfs_dir: Path | None) -> list[Any]:
+    """--app goes to the romfs partition, the vfs LittleFS to vfs: addresses from the table
+    written (provision) or the device's own (flash)."""
+    from hsmflash.fileio import read_input
+    from hsmflash.provision.provisioner import ImageSpec, add_partition_images
+
+    app = (str(app_image), read_input(app_image, "app image")) if app_image else None
+    if kind == "provision":
+        return add_partition_images(images, app=app, vfs_dir=vfs_dir)
+    if vfs_dir is not None:
+        raise UsageError("--vfs-dir is for provision: re-flash keeps the device's filesystem")
+    return images + ([ImageSpec(-1, app[0], app[1], "romfs")] if app else [])
+
+
+AppOpt = Annotated[Path | None, typer.Option(
+    "--app", help="Signed app image (`hsmflash app build`): written encrypted to the romfs "
+    "partition of the device's table, after its signature checks against the policy's keys.")]
+VfsDirOpt = Annotated[Path | None, typer.Option(
+    "--vfs-dir", help="Files for the vfs partition: provisioning writes it as a formatted "
+    "LittleFS, encrypted for the device (empty without this option).")]
 
 
 def _finish_devices(c: Context, specs: list[dict[str, Any]], results: list[Any]) -> None:
@@ -1376,6 +1402,8 @@ def provision_cmd(
     manifest: ManifestOpt = None,
     baud: BaudOpt = 921600,
     no_stub: NoStubOpt = False,
+    app_image: AppOpt = None,
+    vfs_dir: VfsDirOpt = None,
 ) -> None:
     """Turn blank chips into locked devices: per-device keys burned, Secure Boot enabled,
     images encrypted for each device, debug and download paths closed as the policy says.
@@ -1384,7 +1412,7 @@ def provision_cmd(
     reported as such with nothing burned. Several --port (or virtual pairs) run in parallel.
     """
     _device_command(ctx, "provision", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud, stub=not no_stub)
+                    manifest, baud, stub=not no_stub, app_image=app_image, vfs_dir=vfs_dir)
 
 
 # per-device credentials live in their own module; registered here, at the edge
@@ -1395,10 +1423,15 @@ from hsmflash.cli.ca import ca_app  # noqa: E402
 
 app.add_typer(ca_app, name="ca")
 
+from hsmflash.cli.partitions import partitions_app  # noqa: E402
+
+app.add_typer(partitions_app, name="partitions")
+
 # the MicroPython app (signed app images, boot verifier), likewise
 from hsmflash.cli.app import app_app  # noqa: E402
 
 app.add_typer(app_app, name="app")
+import hsmflash.cli.app_check  # noqa: E402, F401 - registers `app check` on the app group
 
 
 @app.command("flash")
@@ -1420,6 +1453,7 @@ def flash_cmd(
     allow_rewrite: Annotated[list[str] | None, typer.Option(
         "--allow-rewrite", help="Also write this protected region: table, nvs or nvs_keys "
         "(repeat; recorded in the audit log).")] = None,
+    app_image: AppOpt = None,
 ) -> None:
     """Re-flash provisioned devices (field update, RMA): each device's key is re-derived in the
     token from the MAC it reports; no key files exist anywhere.
@@ -1432,8 +1466,8 @@ def flash_cmd(
     it with --device MAC; every region is rewritten whole and nothing can be read back or
     verified, which the output says.
     """
-    if not image:
-        raise UsageError("give the images to write: --image ADDR=FILE (repeat)")
+    if not image and app_image is None:
+        raise UsageError("give the images to write: --image ADDR=FILE (repeat) or --app")
     regions = tuple(allow_rewrite or ())
     for region in regions:
         if region not in ("table", "nvs", "nvs_keys"):
@@ -1441,7 +1475,8 @@ def flash_cmd(
     if device is not None and len(port or []) + len(virtual_efuses or []) != 1:
         raise UsageError("--device names one device: give exactly one --port")
     _device_command(ctx, "flash", chip, port, virtual_efuses, virtual_flash, image, dry_run,
-                    manifest, baud, regions, stub=not no_stub, device_mac=device)
+                    manifest, baud, regions, stub=not no_stub, device_mac=device,
+                    app_image=app_image)
 
 
 def _derive_batch(c: Context, master: str, purpose: str, devices: str, output: str,

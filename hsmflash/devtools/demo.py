@@ -5,7 +5,10 @@ policies/dev.toml in the environment) builds demo firmware (real ESP images, mad
 esptool's image classes by tests/imagebuilder.py, one of them carrying MicroPython frozen
 bytecode), signs it through the token, creates a virtual ESP32-S3 and a virtual ESP32 (FiPy,
 rev 1) with their own MACs, provisions both, re-flashes the S3 with a new app, and prints what
-each device ended with. Re-running it is safe: finished devices are reported as such.
+each device ended with. The S3 gets the MicroPython partition table (`partitions template`:
+encrypted `nvs_keys`, `romfs`, `vfs`), a signed app image (`app build`) in `romfs` and a
+formatted LittleFS in `vfs`, and `app check` prints its lockdown report. Re-running it is safe:
+finished devices are reported as such.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ def main() -> None:
                             ("esp32-app", "sbv1-app", "esp32")):
         if not Path(f"{name}.signed.bin").exists():
             _hs("sign", f"{name}.bin", "-o", f"{name}.signed.bin", "--key", key, "--chip", chip)
+    if not Path("mp-partitions.bin").exists():
+        _hs("partitions", "template", "--chip", "esp32s3", "--format", "bin", "-o",
+            "mp-partitions.bin")
+    app_src = Path("app-src")
+    if not app_src.exists():
+        app_src.mkdir()
+        (app_src / "main.py").write_text("import sensor\nsensor.run()\n")
+        (app_src / "sensor.py").write_text("def run():\n    print('reading the sensor')\n")
+    if not Path("app.img").exists():
+        _hs("app", "build", str(app_src), "-o", "app.img", "--key", "sb-release",
+            "--app-version", "1")
+    vfs = Path("vfs-files")
+    if not vfs.exists():
+        vfs.mkdir()
+        (vfs / "settings.json").write_text('{"interval_s": 60}\n')
     for chip, dev in DEVICES.items():
         efuses = Path(f"{chip}.efuse.bin")
         if not efuses.exists():
@@ -66,14 +84,16 @@ def main() -> None:
                 dev["revision"], "--efuse-file", str(efuses))
     _hs("provision", "--chip", "esp32s3", "--virtual-efuses", "esp32s3.efuse.bin",
         "--virtual-flash", "esp32s3.flash.bin", "--image", "0x0=esp32s3-bootloader.signed.bin",
-        "--image", "0x8000=partitions.bin", "--image", "0x10000=esp32s3-app.signed.bin",
-        "--manifest", "manifest.csv")
+        "--image", "0x8000=mp-partitions.bin", "--image", "0x10000=esp32s3-app.signed.bin",
+        "--app", "app.img", "--vfs-dir", str(vfs), "--manifest", "manifest.csv")
     _hs("provision", "--chip", "esp32", "--virtual-efuses", "esp32.efuse.bin",
         "--virtual-flash", "esp32.flash.bin", "--image", "0x1000=esp32-bootloader.bin",
         "--image", "0x8000=partitions.bin", "--image", "0x10000=esp32-app.signed.bin",
         "--manifest", "manifest.csv")
     _hs("flash", "--chip", "esp32s3", "--virtual-efuses", "esp32s3.efuse.bin",
         "--virtual-flash", "esp32s3.flash.bin", "--image", "0x10000=esp32s3-app-v2.signed.bin")
+    _hs("app", "check", "--chip", "esp32s3", "--app", "app.img", "--virtual-efuses",
+        "esp32s3.efuse.bin", "--virtual-flash", "esp32s3.flash.bin")
     print(f"devices, manifest.csv and firmware are in {work}")
 
 

@@ -86,14 +86,29 @@ class SoftwareAes:
 def software_xts_pair(key: Buffer) -> tuple[SoftwareAes, SoftwareAes]:
     """Split an espsecure XTS key file (32 or 64 bytes) into (K1 data key, K2 tweak key).
 
-    Raises InputError if the key is not 32 or 64 bytes (espsecure's SHA-256 extension of
-    16-byte keys is not supported: such keys are not what the chip's eFuses hold).
+    Raises InputError if the key is not 32 or 64 bytes (a 16-byte ESP32-C2 eFuse key is
+    expanded first, by `expand_efuse_128`).
     """
     view = memoryview(key).cast("B")
     if view.nbytes not in _XTS_KEY_BYTES:
         raise InputError(f"XTS-AES key is {view.nbytes} bytes; 32 or 64 expected")
     half = view.nbytes // 2
     return SoftwareAes(view[:half]), SoftwareAes(view[half:])
+
+
+def expand_efuse_128(key: Buffer) -> bytes:
+    """The XTS-AES-128 key pair (K1 || K2) a chip derives from a 128-bit eFuse key
+    (ESP32-C2's XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS): SHA-256 of the key, as
+    espsecure's `_load_hardware_key` expands 16-byte key files.
+
+    Raises:
+        InputError: the key is not 16 bytes.
+    """
+    import hashlib
+
+    if len(memoryview(key)) != 16:
+        raise InputError(f"a 128-bit eFuse key is 16 bytes, got {len(memoryview(key))}")
+    return hashlib.sha256(key).digest()
 
 
 def xts_encrypt(data: bytes, address: int, k1: BlockCipher, k2: BlockCipher) -> bytes:

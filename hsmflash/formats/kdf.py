@@ -22,6 +22,7 @@ _DOMAIN = b"hsmflash/kdf/aes-ecb-v1\x00"
 PURPOSES: dict[str, int] = {
     "XTS_AES_128_KEY": 32,
     "XTS_AES_256_KEY": 64,
+    "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS": 16,  # ESP32-C2's 128-bit eFuse key
     "FLASH_ENCRYPTION": 32,
     "SECURE_BOOT_V1": 32,
     "NVS_KEYS": 64,

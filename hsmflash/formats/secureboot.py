@@ -75,6 +75,10 @@ def key_algorithm(public_key: PublicKey) -> SignatureAlgorithm:
             return "ec-p256"
         if isinstance(public_key.curve, ec.SECP384R1):
             return "ec-p384"
+        if isinstance(public_key.curve, ec.SECP192R1):
+            raise InputError("EC P-192 is too weak (about 96-bit security) and hsmflash refuses "
+                             "it for Secure Boot; ESP32-C2 accepts ECDSA P-256: use an ec-p256 "
+                             "key")
         raise InputError(f"EC curve {public_key.curve.name} is not P-256 or P-384")
     raise InputError(f"unsupported public key type {type(public_key).__name__}")
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -36,7 +37,8 @@ from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
 from hsmflash.device.base import Device, efuse_field_specs
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, InternalError, PolicyRefused
-from hsmflash.formats import flashcrypt, kdf, secureboot
+from hsmflash.formats import flashcrypt, kdf, partitions, secureboot, vfs
+from hsmflash.formats.appimage import parse_app_image, verify_app_image
 from hsmflash.formats.images import ESP_IMAGE_MAGIC
 from hsmflash.hazmat import efuse as hz
 from hsmflash.keyuse import DerivedKey, KeyUse, Station, wipe
@@ -61,9 +63,10 @@ Progress = Callable[[str], None]
 class ImageSpec:
     """One file to write at one flash address (plaintext, as the user gave it)."""
 
-    address: int
+    address: int  # -1: the start of `partition` in the device's own table (re-flash)
     path: str
     data: bytes = field(repr=False)
+    partition: str = ""  # the table partition this image fills (romfs, vfs), if any
 
     @property
     def sha256(self) -> str:
@@ -103,6 +106,118 @@ def parse_image_args(args: list[str], read: Callable[[str], bytes]) -> list[Imag
             raise InputError(f"images {a.path!r} at {a.address:#x} and {b.path!r} at "
                              f"{b.address:#x} overlap")
     return specs
+
+
+def table_of(images: list[ImageSpec]) -> tuple[ImageSpec, list[partitions.Partition]] | None:
+    """The partition table the images write to the device (the image at 0x8000), parsed.
+
+    Raises:
+        InputError: the image at 0x8000 is not a partition table.
+    """
+    spec = next((i for i in images if i.address == partitions.TABLE_ADDRESS), None)
+    if spec is None:
+        return None
+    return spec, partitions.parse(spec.data, f"partition table {spec.path!r}")
+
+
+def add_partition_images(images: list[ImageSpec], *, app: tuple[str, bytes] | None = None,
+                         vfs_dir: Path | None = None) -> list[ImageSpec]:
+    """Place the app image at the `romfs` partition and a formatted LittleFS (the blocks in
+    use, from `vfs_dir` if given) at the `vfs` partition of the table the images write.
+
+    Every address comes from that table, never from a default.
+
+    Raises:
+        InputError: no table among the images, no romfs/vfs partition, an app image that is
+            not one or is larger than its partition, files that do not fit the vfs.
+    """
+    found = table_of(images)
+    if found is None:
+        if app is not None or vfs_dir is not None:
+            raise InputError("--app and --vfs-dir go to partitions of the table written to the "
+                             "device: give it with --image 0x8000=TABLE.bin")
+        return images
+    table_spec, table = found
+    out = list(images)
+    if app is not None:
+        path, data = app
+        romfs = partitions.find_romfs(table)
+        if romfs is None:
+            raise InputError(f"partition table {table_spec.path!r} has no romfs partition "
+                             "(data, subtype 0x8f) for the app image")
+        parse_app_image(data, path)
+        if len(data) > romfs.size:
+            raise InputError(f"app image {path!r} is {len(data)} bytes, larger than the romfs "
+                             f"partition ({romfs.size} bytes at {romfs.offset:#x})")
+        out.append(ImageSpec(romfs.offset, path, data, "romfs"))
+    vfs_part = partitions.find(table, "vfs")
+    if vfs_dir is not None and vfs_part is None:
+        raise InputError(f"--vfs-dir: partition table {table_spec.path!r} has no vfs partition")
+    if vfs_part is not None and vfs_part.type == partitions.TYPE_DATA:
+        image = vfs.build(vfs_part.size, vfs_dir)
+        what = f"vfs (LittleFS{', ' + str(vfs_dir) if vfs_dir else ''})"
+        for offset, data in image.regions():
+            out.append(ImageSpec(vfs_part.offset + offset, f"{what} +{offset:#x}", data, "vfs"))
+    out.sort(key=lambda s: s.address)
+    for a, b in itertools.pairwise(out):
+        if a.address + len(a.data) > b.address:
+            raise InputError(f"images {a.path!r} at {a.address:#x} and {b.path!r} at "
+                             f"{b.address:#x} overlap")
+    return out
+
+
+@dataclass(frozen=True)
+class CredentialPlacement:
+    """Where provisioning writes a device's credentials: from the table, never defaults."""
+
+    nvs_address: int
+    nvs_size: int
+    nvs_keys_address: int | None  # None: NVS keys from an HMAC_UP eFuse key (no nvs_keys)
+
+
+def credentials_asked(policy: Policy) -> bool:
+    """Whether provisioning writes per-device credentials under this policy."""
+    cred = policy.credentials
+    return cred is not None and (cred.provision or cred.nvs_address is not None
+                                 or cred.nvs_keys_address is not None)
+
+
+def credential_placement(policy: Policy, found: tuple[ImageSpec, list[partitions.Partition]]
+                         | None, *, hmac_nvs: bool = False) -> CredentialPlacement | None:
+    """The nvs and nvs_keys partitions of the table written to the device.
+
+    Raises:
+        InputError: credentials are asked for but no table is written, or the policy's
+            (legacy) addresses disagree with the table.
+        PolicyRefused: the table lacks an nvs or an encrypted nvs_keys partition.
+    """
+    if not credentials_asked(policy):
+        return None
+    cred = policy.credentials
+    assert cred is not None  # noqa: S101 - credentials_asked checked
+    if found is None:
+        raise InputError(f"policy {policy.name!r} writes credentials into the device's nvs and "
+                         "nvs_keys partitions: give the partition table written to the device "
+                         "with --image 0x8000=TABLE.bin (addresses never come from defaults)")
+    spec, table = found
+    nvs, keys = partitions.find_nvs(table), partitions.find_nvs_keys(table)
+    if hmac_nvs and nvs is not None:  # the chip derives its NVS keys: no nvs_keys partition
+        if cred.nvs_address is not None and cred.nvs_address != nvs.offset:
+            raise InputError(f"policy {policy.name!r}: credentials.nvs_address "
+                             f"{cred.nvs_address:#x} disagrees with partition table "
+                             f"{spec.path!r} ({nvs.offset:#x}); the table decides: drop the "
+                             "address from the policy")
+        return CredentialPlacement(nvs.offset, nvs.size, None)
+    if nvs is None or keys is None or not keys.encrypted:
+        problems = partitions.protection_problems(table, credentials=True)
+        raise PolicyRefused(f"partition table {spec.path!r}: {problems[0]}")
+    for what, want, got in (("nvs_address", cred.nvs_address, nvs.offset),
+                            ("nvs_keys_address", cred.nvs_keys_address, keys.offset)):
+        if want is not None and want != got:
+            raise InputError(f"policy {policy.name!r}: credentials.{what} {want:#x} disagrees "
+                             f"with partition table {spec.path!r} ({got:#x}); the table "
+                             "decides: drop the address from the policy")
+    return CredentialPlacement(nvs.offset, nvs.size, keys.offset)
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +336,10 @@ class Provisioner:
         self.policy = policy
         self.chip = chip
         self.profile: ChipProfile = policy.profile(chip.name)
+        if self.chip.name == "esp32c2":
+            raise PolicyRefused("provisioning ESP32-C2 is not supported yet (its one key block "
+                                "holds the 128-bit flash key and the Secure Boot digest in "
+                                "halves); `hsmflash encrypt --chip esp32c2` works")
         self.images = images
         self.progress = progress or (lambda _msg: None)
         self.issued_certs: dict[str, tuple[str, str]] = {}  # mac -> (serial, cert sha256)
@@ -244,9 +363,14 @@ class Provisioner:
         if prof.secure_boot is not None:
             self.sb_public = [self.st.key(k).public_key() for k in prof.secure_boot.keys]
         proof.check_harden(self.policy, self.chip, prof, efuse_field_specs)
+        for img in self.images:
+            if img.partition == "romfs":
+                self._check_app(img)
+        self._check_table()  # the table's protection and the credentials' places in it
         self._check_exports()
-        self.proven = proof.prove_images(self.images, self.chip, prof, self._verifier(),
-                                         self._own_regions(), **self._proof_options())
+        self.proven = proof.prove_images(
+            [img for img in self.images if img.address >= 0], self.chip, prof,
+            self._verifier(), self._own_regions(), **self._proof_options())
 
     def _verifier(self, held: set[bytes] | None = None) -> proof.Verifier | None:
         sb = self.profile.secure_boot
@@ -260,8 +384,10 @@ class Provisioner:
         cred = self._credentials
         if cred is None:
             return []
-        return [proof.Region("nvs (credentials)", cred.nvs_address, cred.nvs_size),
-                proof.Region("nvs_keys", cred.nvs_keys_address, 0x1000)]
+        regions = [proof.Region("nvs (credentials)", cred.nvs_address, cred.nvs_size)]
+        if cred.nvs_keys_address is not None:
+            regions.append(proof.Region("nvs_keys", cred.nvs_keys_address, 0x1000))
+        return regions
 
     def _proof_options(self) -> dict[str, Any]:
         return {}
@@ -273,6 +399,44 @@ class Provisioner:
             self.policy.check_export("esp32_classic_transient")
         if self._credentials is not None:
             self.policy.check_export("device_secrets")
+
+    def _check_table(self) -> None:
+        """The table written to the device protects code and secrets (DESIGN: partition
+        tables are the map); credential addresses come from it."""
+        found = table_of(self.images)
+        self._placement = self._place_credentials(found)
+        if found is None:
+            return
+        spec, table = found
+        problems = partitions.protection_problems(table, credentials=self._placement is not None)
+        if problems:
+            raise PolicyRefused(f"partition table {spec.path!r}: {problems[0]}; "
+                                "see `hsmflash partitions template`")
+        end = max(p.offset + p.size for p in table)
+        if end > self.profile.flash_size:
+            raise InputError(f"partition table {spec.path!r} ends at {end:#x}, past the "
+                             f"{self.profile.flash_size // 1024} KiB flash")
+
+    def _place_credentials(self, found: tuple[ImageSpec, list[partitions.Partition]] | None
+                           ) -> CredentialPlacement | None:
+        return credential_placement(self.policy, found,
+                                    hmac_nvs=self.profile.nvs_encryption == "hmac")
+
+    def _check_app(self, img: ImageSpec) -> None:
+        """An app image is signed by a Secure Boot key the policy names, before any burn."""
+        sb = self.profile.secure_boot
+        if sb is None or sb.scheme != SBV2 or not self.sb_public:
+            raise PolicyRefused(f"app image {img.path!r}: policy {self.policy.name!r} names no "
+                                f"Secure Boot V2 key for {self.chip.name} to verify it against")
+        problems = []
+        for name, pub in zip(sb.keys, self.sb_public, strict=True):
+            try:
+                verify_app_image(img.data, pub, name=img.path)
+                return
+            except Exception as e:
+                problems.append(f"{name}: {e}")
+        raise PolicyRefused(f"app image {img.path!r} is not signed by a key of policy "
+                            f"{self.policy.name!r} ({'; '.join(problems)})")
 
     def _is_sbv1_bootloader(self, img: ImageSpec) -> bool:
         prof = self.profile
@@ -492,13 +656,8 @@ class Provisioner:
 
     @property
     def _credentials(self) -> Any:
-        """The policy's credential partitions, when it asks provisioning to write them."""
-        cred = self.policy.credentials
-        if cred is None or cred.nvs_address is None:
-            return None
-        if cred.nvs_keys_address is None and self.profile.nvs_encryption != "hmac":
-            return None
-        return cred
+        """Where the policy's credentials go (the table's nvs/nvs_keys), when it asks for them."""
+        return self._placement
 
     def _plan_flash(self, plan: Plan, mac: bytes) -> None:
         unit = 32 if self.chip.is_esp32_classic else 16

@@ -28,6 +28,7 @@ import csv
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,30 @@ class Reflasher(Provisioner):
                 if not (slot < len(revoked) and revoked[slot]):
                     held.add(bytes(blk.data))
         return held
+
+    def _place_credentials(self, found: Any) -> None:
+        return None  # nor is the table the images carry used: the device's own table is
+
+    def _resolve(self, table: list[partitions.Partition]) -> None:
+        """Images that fill a partition (`--app`) take its address from the device's table.
+
+        Raises:
+            InputError: the device's table has no such partition, or the image is larger.
+        """
+        resolved = []
+        for img in self.images:
+            if img.address == -1:
+                part = (partitions.find_romfs(table) if img.partition == "romfs"
+                        else partitions.find(table, img.partition))
+                if part is None:
+                    raise InputError(f"{img.path}: the device's partition table has no "
+                                     f"{img.partition} partition")
+                if len(img.data) > part.size:
+                    raise InputError(f"{img.path} is {len(img.data)} bytes, larger than the "
+                                     f"device's {part.label} partition ({part.size} bytes)")
+                img = replace(img, address=part.offset)
+            resolved.append(img)
+        self.images = sorted(resolved, key=lambda i: i.address)
 
     def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
         (plain,) = self.device_crypt(mac, [(address, data)], decrypt=True,
@@ -204,8 +229,9 @@ class Reflasher(Provisioner):
             plan.fe_kcv = self._check_device_key(device, mac, state)
             self._check_device_digests(state)
             self._check_rollback(_device_secure_version(state))
-            self._plan_flash(plan, mac)
             table = self._device_partitions(device, mac)
+            self._resolve(table)
+            self._plan_flash(plan, mac)
             # every image again, now against the device's table and the digests it holds
             proof.prove_images(self.images, self.chip, self.profile,
                                self._verifier(self._held_digests(state)), [], table=table,

@@ -33,6 +33,7 @@ import pytest
 from vectors.make_kdf_vectors import derive
 
 from conftest import ROOT, TOKEN_LABEL, USER_PIN, Result, run_cli
+from hsmflash.formats import partitions
 from imagebuilder import build_app, build_bootloader
 
 CHIPS = ("esp32s3", "esp32c3", "esp32")
@@ -40,7 +41,9 @@ MACS = {"esp32s3": "7c:df:a1:00:00:01", "esp32c3": "58:cf:79:00:00:02",
         "esp32": "24:0a:c4:00:00:03"}
 REVISIONS = {"esp32s3": "0.2", "esp32c3": "0.4", "esp32": "1.0"}  # esp32 v1: FiPy-era, SBv1
 APP_ADDRESS = 0x10000
-NVS_ADDRESS, NVS_SIZE, NVS_KEYS_ADDRESS = 0x9000, 0x6000, 0xF000  # policies/dev.toml
+# the table the bench writes at 0x8000 (partitions.default_layout): credentials go there
+NVS_ADDRESS, NVS_SIZE, NVS_KEYS_ADDRESS = 0x9000, 0x6000, 0xF000
+TABLE_ADDRESS = 0x8000
 KEY_LENGTHS = {"XTS_AES_128_KEY": 32, "FLASH_ENCRYPTION": 32, "SECURE_BOOT_V1": 32}
 
 # exit codes, DESIGN.md
@@ -213,6 +216,10 @@ def make_bench(tmp: Path) -> Bench:
                             "--chip", chip)
                 assert r.code == 0, r.output
                 images.append(Image(address, out, out.read_bytes(), True))
+            table = tmp / "table.bin"
+            table.write_bytes(partitions.build(partitions.default_layout()))
+            images.append(Image(TABLE_ADDRESS, table, table.read_bytes(), False))
+            images.sort(key=lambda i: i.address)
             bench.images[chip] = images
     return bench
 
@@ -508,13 +515,15 @@ def test_dry_run_prints_plan_and_touches_nothing(bench: Bench, cli: Callable[...
         assert [b["block"] for b in plan["sb_blocks"]] == ["BLOCK2"]
         assert plan["enable"] == {"FLASH_CRYPT_CONFIG": 15, "FLASH_CRYPT_CNT": 1,
                                   "ABS_DONE_0": 1, "JTAG_DISABLE": 1}
-        assert [w["address"] for w in plan["flash"]] == ["0x0", "0x10000", "0x9000", "0xf000"]
+        assert [w["address"] for w in plan["flash"]] == ["0x0", "0x8000", "0x10000", "0x9000",
+                                                     "0xf000"]
     else:
         assert plan["fe_blocks"] == [{"block": "BLOCK_KEY0", "purpose": "XTS_AES_128_KEY"}]
         assert plan["sb_blocks"][0]["purpose"] == "SECURE_BOOT_DIGEST0"
         assert plan["enable"]["SPI_BOOT_CRYPT_CNT"] == 1
         assert plan["enable"]["SECURE_BOOT_EN"] == 1
-        assert [w["address"] for w in plan["flash"]] == ["0x0", "0x10000", "0x9000", "0xf000"]
+        assert [w["address"] for w in plan["flash"]] == ["0x0", "0x8000", "0x10000", "0x9000",
+                                                     "0xf000"]
     # nothing of the plan happened: still a blank chip, which a real run then provisions
     summary = efuse_summary(chip, efuse)
     assert raw(summary, "FLASH_CRYPT_CNT" if chip == "esp32" else "SPI_BOOT_CRYPT_CNT") == 0
@@ -583,6 +592,9 @@ def test_device_with_another_secure_boot_digest_is_refused(
     assert run_cli("--policy", other, "keys", "create").code == 0
     args = []
     for img in bench.images["esp32s3"]:
+        if not img.signed:  # the partition table
+            args += ["--image", f"{img.address:#x}={img.path}"]
+            continue
         out = tmp_path / (img.path.name + ".other")
         r = run_cli("--policy", other, "sign", img.path.with_suffix(".bin"), "-o", out, "--key",
                     f"{bench.uniq}-sb-other", "--chip", "esp32s3")
