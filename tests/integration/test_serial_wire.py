@@ -10,6 +10,7 @@ aes-ecb-v1 spec from the bench's known master, as for the virtual chips.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -339,3 +340,31 @@ def test_cable_pulled_mid_write_on_the_rom_loader_then_rerun(
     assert r.code == 0, r.output
     check_provisioned(bench, "esp32", efuse_summary("esp32", efuse), bytes(replugged.flash),
                       MACS["esp32"], tmp_path)
+
+
+def test_rollback_below_the_chips_secure_version_is_refused(
+        bench: Bench, cli: Callable[..., Result], tmp_path: Path) -> None:
+    """Anti-rollback where the chip can be read: its SECURE_VERSION eFuse (bits set) is the
+    floor; an app with a lower secure_version is refused before anything is written."""
+    from espefuse import init_commands
+
+    table = tmp_path / "pt.bin"
+    table.write_bytes(build(default_layout()))
+    efuse, flash = bench.new_chip(tmp_path, "esp32s3")
+    r = bench.provision("esp32s3", efuse, flash, "--image", f"0x8000={table}")
+    assert r.code == 0, r.output
+    with contextlib.redirect_stdout(io.StringIO()):
+        chip = init_commands(chip="esp32s3", virt=True, virt_efuse_file=str(efuse),
+                             do_not_confirm=True)
+        chip.burn_efuse({"SECURE_VERSION": "7"})  # three bits: the chip is at version 3
+    old = _signed_app(bench, tmp_path, "app-sv2", secure_version=2)
+    current = _signed_app(bench, tmp_path, "app-sv3", secure_version=3)
+    before = flash.read_bytes()
+    args = ["--policy", bench.policy, "flash", "--chip", "esp32s3", "--virtual-efuses", efuse,
+            "--virtual-flash", flash, "--image"]
+    r = run_cli(*args, f"0x10000={old}")
+    assert r.code == 5, r.output
+    assert "secure_version 2" in r.err and "SECURE_VERSION" in r.err
+    assert flash.read_bytes() == before
+    r = run_cli(*args, f"0x10000={current}")
+    assert r.code == 0, r.output
