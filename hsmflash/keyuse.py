@@ -736,7 +736,12 @@ class Station:
         if not key_exists(self.session, name):
             key_type = self.profile().audit_key_type
             return TokenSigner(generate_key(self.session, name, key_type, ("sign",)))
-        return TokenSigner(self.key(name))
+        key = self.key(name)
+        if key.type not in ("ec-p256", "rsa-3072"):
+            raise TokenError(f"the audit key {name!r} is {key.type}; it must be ec-p256 or "
+                             "rsa-3072 (policy [audit] key): no key is used without an audit "
+                             "anchor")
+        return TokenSigner(key)
 
     def head_store(self) -> TokenHeadStore | KeyIdHeadStore:
         ident = log_id(self.audit.path)

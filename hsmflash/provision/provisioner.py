@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
 from hsmflash.device.base import Device, efuse_field_specs
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
-from hsmflash.errors import DeviceError, InputError, InternalError, PolicyRefused
+from hsmflash.errors import DeviceError, Error, InputError, InternalError, PolicyRefused
 from hsmflash.formats import flashcrypt, kdf, partitions, secureboot, vfs
 from hsmflash.formats.appimage import parse_app_image, verify_app_image
 from hsmflash.formats.images import ESP_IMAGE_MAGIC
@@ -363,14 +363,16 @@ class Provisioner:
         if prof.secure_boot is not None:
             self.sb_public = [self.st.key(k).public_key() for k in prof.secure_boot.keys]
         proof.check_harden(self.policy, self.chip, prof, efuse_field_specs)
+        self._check_exports()
         for img in self.images:
             if img.partition == "romfs":
                 self._check_app(img)
-        self._check_table()  # the table's protection and the credentials' places in it
-        self._check_exports()
+        # images that fill a table partition (the romfs app, the vfs filesystem) are placed
+        # by the table itself; `_check_table` holds them to it
         self.proven = proof.prove_images(
-            [img for img in self.images if img.address >= 0], self.chip, prof,
+            [img for img in self.images if img.address >= 0 and not img.partition], self.chip, prof,
             self._verifier(), self._own_regions(), **self._proof_options())
+        self._check_table()  # the table's protection and the credentials' places in it
 
     def _verifier(self, held: set[bytes] | None = None) -> proof.Verifier | None:
         sb = self.profile.secure_boot
@@ -380,13 +382,23 @@ class Provisioner:
                               held=held)
 
     def _own_regions(self) -> list[proof.Region]:
-        """Flash regions the plan writes itself (credentials), kept clear of images."""
-        cred = self._credentials
-        if cred is None:
+        """Flash regions the plan writes itself (credentials), kept clear of images: the
+        table's nvs/nvs_keys, or the policy's own addresses while the table is still to be
+        checked (`_check_table` refuses a plan without one)."""
+        try:
+            placed = self._place_credentials(table_of(self.images))
+        except Error:
+            placed = None
+        cred = self.policy.credentials
+        if placed is not None:
+            nvs, size, keys = placed.nvs_address, placed.nvs_size, placed.nvs_keys_address
+        elif cred is not None and cred.nvs_address is not None:
+            nvs, size, keys = cred.nvs_address, cred.nvs_size, cred.nvs_keys_address
+        else:
             return []
-        regions = [proof.Region("nvs (credentials)", cred.nvs_address, cred.nvs_size)]
-        if cred.nvs_keys_address is not None:
-            regions.append(proof.Region("nvs_keys", cred.nvs_keys_address, 0x1000))
+        regions = [proof.Region("nvs (credentials)", nvs, size)]
+        if keys is not None:
+            regions.append(proof.Region("nvs_keys", keys, 0x1000))
         return regions
 
     def _proof_options(self) -> dict[str, Any]:
@@ -397,7 +409,7 @@ class Provisioner:
         self.policy.check_export("efuse_burn")
         if self.profile.flash_encryption == ESP32_AES256:
             self.policy.check_export("esp32_classic_transient")
-        if self._credentials is not None:
+        if credentials_asked(self.policy):
             self.policy.check_export("device_secrets")
 
     def _check_table(self) -> None:

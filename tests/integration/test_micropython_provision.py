@@ -49,8 +49,8 @@ def sign_app(bench: Bench, content: bytes, key: str) -> bytes:
     cfg = TokenConfig(token_label=TOKEN_LABEL, pin_handler=lambda _p: USER_PIN)
     with Station.open(cfg, load_policy(bench.policy), bench.audit_log) as st:
         token_key = st.key(key)
-        with st.use("app.sign", token_key):
-            return sign_app_image(content, st.signer(token_key))
+        with st.use("app.sign", token_key) as use:
+            return sign_app_image(content, use.signer())
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def sdm_device(bench: Bench, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         with pytest.MonkeyPatch.context() as mp:
             for k, v in bench.env.items():
                 mp.setenv(k, v)
-            r = _provision(bench, "esp32s3", dev.port, "--image", f"0x8000={table}",
+            r = _provision(bench, "esp32s3", dev.port,  # the bench's images hold this table
                            "--manifest", manifest, policy=bench.release_policy)
     assert r.code == 0, r.output
     return {"dir": tmp, "efuse": efuse, "flash": bytes(dev.flash), "manifest": manifest,
@@ -160,7 +160,7 @@ def _flash_sdm(bench: Bench, dev: FakeRomLoader, sdm: dict[str, object], *args: 
                policy: Path | None = None) -> Result:
     return run_cli("--json", "--policy", policy or bench.release_policy, "flash", "--chip",
                    "esp32s3", "--port", dev.port, "--image", f"0x8000={sdm['table']}",
-                   *map(str, args))
+                   "--allow-rewrite", "table", *map(str, args))
 
 
 def test_reflash_in_secure_download_mode_decrypts_to_the_new_image(
@@ -194,8 +194,8 @@ def test_reflash_in_secure_download_mode_decrypts_to_the_new_image(
     with _double("esp32s3", efuse) as dev2:
         dev2.flash[:] = dev.flash
         r = run_cli("--policy", bench.release_policy, "flash", "--chip", "esp32s3", "--port",
-                    dev2.port, "--image", f"0x8000={sdm['table']}", "--device", mac,
-                    "--image", f"0x10000={new}")
+                    dev2.port, "--image", f"0x8000={sdm['table']}", "--allow-rewrite", "table",
+                    "--device", mac, "--image", f"0x10000={new}")
     assert r.code == 0, r.output
     assert "nothing can be read back" in r.out and "written-unverified" in r.out
 
@@ -309,7 +309,7 @@ def test_reflash_with_and_without_the_stub(bench: Bench, cli: Callable[..., Resu
     table.write_bytes(build(default_layout()))
     no_stub = [] if stub else ["--no-stub"]
     with _double("esp32s3", efuse) as dev:
-        r = _provision(bench, "esp32s3", dev.port, "--image", f"0x8000={table}", *no_stub)
+        r = _provision(bench, "esp32s3", dev.port, *no_stub)  # the bench writes the table
     assert r.code == 0, r.output
     new = _signed_app(bench, tmp_path, "app-new", secure_version=0)
     for expected in ("flashed", "up-to-date"):
@@ -351,7 +351,7 @@ def test_rollback_below_the_chips_secure_version_is_refused(
     table = tmp_path / "pt.bin"
     table.write_bytes(build(default_layout()))
     efuse, flash = bench.new_chip(tmp_path, "esp32s3")
-    r = bench.provision("esp32s3", efuse, flash, "--image", f"0x8000={table}")
+    r = bench.provision("esp32s3", efuse, flash)  # the bench's images hold this table
     assert r.code == 0, r.output
     with contextlib.redirect_stdout(io.StringIO()):
         chip = init_commands(chip="esp32s3", virt=True, virt_efuse_file=str(efuse),

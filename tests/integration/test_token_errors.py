@@ -71,16 +71,18 @@ def test_looking_up_a_missing_token_leaves_open_sessions_working(session) -> Non
     assert len(session.generate_random(128)) == 16  # the session still answers
 
 
-def test_a_failing_checkpoint_does_not_hide_the_commands_own_error(cli, tmp_path, uniq):
-    """The command's error is what the user sees, even when the checkpoint after it fails too
-    (here the policy names an AES key as the audit key, so no checkpoint can be signed)."""
+def test_an_unusable_audit_key_stops_the_command_before_any_key_use(cli, tmp_path, uniq):
+    """A policy whose audit key cannot sign (an AES key): every record must be tagged and every
+    command checkpointed, so the command is refused before the key it names is used (a
+    failing checkpoint after a key use is tested in test_audit_trust.py)."""
     assert cli("keys", "generate", f"{uniq}-notsign", "--type", "aes-256",
                "--usage", "encrypt").code == 0
     policy = tmp_path / "p.toml"
     policy.write_text(f'name = "t"\n[token]\nlabel = "{TOKEN_LABEL}"\n'
                       f'[audit]\nkey = "{uniq}-notsign"\n')
-    r = cli("--policy", policy, "derive", "--master", f"{uniq}-notsign",
+    log = tmp_path / "own.jsonl"
+    r = cli("--policy", policy, "--audit-log", log, "derive", "--master", f"{uniq}-notsign",
             "--device", "24:0a:c4:01:02:03", "--purpose", "XTS_AES_128_KEY")
     assert r.code == 4, r.output
-    assert "does not allow derivation" in r.err
-    assert "signing key" not in r.err
+    assert "audit key" in r.err and f"{uniq}-notsign" in r.err
+    assert not log.exists() or '"op":"derive"' not in log.read_text()
