@@ -54,6 +54,46 @@ class BytesPartition:
         print('RESET:', reason)
 
 
+class FakePartition:
+    # TEST DOUBLE of esp32.Partition: a partition table of (label, file) in RAM, with the
+    # block-device methods hsmboot uses (find, ioctl 4/5, readblocks)
+    TYPE_DATA = 1
+    table = {}
+
+    def __init__(self, data):
+        self.data = data
+
+    @classmethod
+    def find(cls, type, subtype=255, label=None):
+        return [cls(cls.table[label])] if type == cls.TYPE_DATA and label in cls.table else []
+
+    def ioctl(self, op, arg):
+        return {4: len(self.data) // 4096, 5: 4096}.get(op)
+
+    def readblocks(self, block, buf):
+        buf[:] = memoryview(self.data)[block * 4096:block * 4096 + len(buf)]
+
+
+class FakeEsp32:
+    Partition = FakePartition
+
+
+sys.modules['esp32'] = FakeEsp32
+
+
+class Esp32Double(hsmboot.Esp32):
+    # the upstream seam as shipped (partition lookup by label, block reads), with the mount
+    # from the fake partition (this port has no vfs.rom_ioctl) and reset recorded
+    def mount(self, length):
+        vfs.mount(vfs.VfsRom(memoryview(self.part.data)[:length]), '/rom')
+
+    def mount_data(self):
+        print('DATA PARTITION', 'vfs' in FakePartition.table)
+
+    def reset(self, reason):
+        print('RESET:', reason)
+
+
 class PycomDouble(hsmboot.PycomFile):
     # the Pycom seam as shipped, but machine.reset() recorded (the unix port has none) and
     # the working directory before the mount in /input (WASI cannot enter "/")

@@ -78,8 +78,8 @@ _ENTRY = {
     ),
     "pycom": (
         "# frozen/Base/_boot.py (hsmflash, Pycom MicroPython 1.11). Replaces Pycom's _boot.py,\n"
-        "# which mounts /flash and attaches the UART REPL with os.dupterm: neither happens\n"
-        "# here. The signed app is read from /flash/app.img, verified, and run from RAM.\n"
+        "# which attaches the UART REPL with os.dupterm: that does not happen here. The signed\n"
+        "# app is read from /flash/app.img, verified, and run from RAM.\n"
         "import hsmboot\n\n"
         'hsmboot.main("pycom")\n'
     ),

@@ -12,6 +12,7 @@ import re
 import stat
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,21 +41,23 @@ class Compiler:
     mpy_version: int
     release: str  # as `mpy-cross --version` says it
 
-    def compile(self, source: Path, relname: str) -> bytes:
-        """Compile one file; the .mpy records `relname`, not the build machine's path.
+    def compile(self, source: Path, relname: str, out: Path | None = None) -> bytes:
+        """Compile one file; the .mpy records `relname`, not the build machine's path. `out`
+        is a scratch path for the .mpy (default: a temp directory of its own).
 
         Raises:
             InputError: a syntax error, naming the file and line.
         """
-        with tempfile.TemporaryDirectory(prefix="hsmflash-mpy-") as tmp:
-            out = Path(tmp) / "out.mpy"
-            proc = subprocess.run(  # noqa: S603 - fixed binary, our arguments
-                [str(self.path), "-s", relname, "-o", str(out), str(source)],
-                capture_output=True, text=True, check=False, timeout=120,
-            )
-            if proc.returncode != 0:
-                raise InputError(_compile_error(relname, proc.stderr or proc.stdout))
-            data = out.read_bytes()
+        if out is None:
+            with tempfile.TemporaryDirectory(prefix="hsmflash-mpy-") as tmp:
+                return self.compile(source, relname, Path(tmp) / "out.mpy")
+        proc = subprocess.run(  # noqa: S603 - fixed binary, our arguments
+            [str(self.path), "-s", relname, "-o", str(out), str(source)],
+            capture_output=True, text=True, check=False, timeout=120,
+        )
+        if proc.returncode != 0:
+            raise InputError(_compile_error(relname, proc.stderr or proc.stdout))
+        data = out.read_bytes()
         if data[:2] != bytes((ord("M"), self.mpy_version)):
             raise InternalError(f"{self.path} wrote a .mpy with header {data[:4].hex()} for "
                                 f"{relname}, not version {self.mpy_version}")
@@ -147,14 +150,18 @@ def compile_tree(src_dir: Path, compiler: Compiler, include_source: bool = False
     paths = sorted(_walk(src_dir))
     if not any(rel == "main.py" or rel == "main.mpy" for rel, _ in paths):
         raise InputError(f"{src_dir}: no main.py (the boot module runs `import main`)")
+    sources = []
     for rel, path in paths:
         if not rel.isascii():
             raise InputError(f"{src_dir}/{rel}: ROMFS file names must be ASCII")
+        if rel.endswith(".py") and (src_dir / (rel[:-3] + ".mpy")).exists():
+            raise InputError(f"{src_dir}/{rel}: both .py and .mpy of this module exist")
         if rel.endswith(".py"):
-            mpy_name = rel[:-3] + ".mpy"
-            if (src_dir / mpy_name).exists():
-                raise InputError(f"{src_dir}/{rel}: both .py and .mpy of this module exist")
-            tree.files[mpy_name] = compiler.compile(path, rel)
+            sources.append((rel, path))
+    compiled = _compile_all(compiler, sources)
+    for rel, path in paths:
+        if rel.endswith(".py"):
+            tree.files[rel[:-3] + ".mpy"] = compiled[rel]
             tree.modules += 1
             if include_source:
                 tree.files[rel] = path.read_bytes()
@@ -168,6 +175,21 @@ def compile_tree(src_dir: Path, compiler: Compiler, include_source: bool = False
             tree.files[rel] = data
             tree.other += 1
     return tree
+
+
+def _compile_all(compiler: Compiler, sources: list[tuple[str, Path]]) -> dict[str, bytes]:
+    """Compile in parallel, one mpy-cross process per file and CPU (bench/bench_app.py); the
+    first failure in path order is the one reported."""
+    with tempfile.TemporaryDirectory(prefix="hsmflash-mpy-") as tmp, \
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = [pool.submit(compiler.compile, path, rel, Path(tmp) / f"{i}.mpy")
+                   for i, (rel, path) in enumerate(sources)]
+        try:
+            return {rel: future.result() for (rel, _), future in zip(sources, futures,
+                                                                     strict=True)}
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _walk(src_dir: Path) -> list[tuple[str, Path]]:

@@ -253,3 +253,45 @@ def test_bad_input_is_refused_before_the_key_is_used(cli, tmp_path, rsa_key):  #
     r = cli("app", "bootcode", "--key", ec, "-o", tmp_path / "boot")
     assert r.code == 3 and "not RSA-3072" in r.err, r.output
     assert not (tmp_path / "boot").exists()
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+def test_unwritable_output_is_refused_before_key_use(cli, tmp_path, rsa_key, where):  # type: ignore[no-untyped-def]
+    key, _ = rsa_key
+    src = write_app(tmp_path / "src")
+    out = tmp_path / "no-such-dir" / "app.img" if where == "missing directory" else tmp_path
+    r = cli("app", "build", src, "-o", out, "--key", key)
+    assert r.code == 3, r.output
+    assert str(out) in r.err and len(r.err.strip().splitlines()) == 1
+    assert ("app.sign", "intent") not in audit_ops(tmp_path)
+    r = cli("app", "bootcode", "--key", key, "-o", tmp_path / "no-such-dir" / "boot")
+    assert r.code == 3 and "does not exist" in r.err, r.output
+
+
+def test_upstream_seam_finds_the_romfs_partition_by_label(cli, tmp_path, rsa_key):  # type: ignore[no-untyped-def]
+    """hsmboot.Esp32 (label lookup, block count and size, readblocks) over a fake
+    esp32.Partition; a table without `romfs` resets."""
+    key, _ = rsa_key
+    src = write_app(tmp_path / "src")
+    image = tmp_path / "app.img"
+    assert cli("app", "build", src, "-o", image, "--key", key).code == 0
+    boot_dir = tmp_path / "boot"
+    assert cli("app", "bootcode", "--key", key, "-o", boot_dir).code == 0
+    guest = tmp_path / "guest"
+    copy_bootcode(boot_dir, guest)
+    stage(guest, {"app.img": image.read_bytes()})
+    out = run_micropython(
+        "import hsmboot_key as k\n"
+        "data = open('/input/app.img', 'rb').read()\n"
+        "FakePartition.table = {'romfs': data + b'\\xff' * (64 * 1024 - len(data))}\n"
+        "hw = Esp32Double()\n"
+        "print('SIZE', hw.size())\n"
+        "hsmboot.boot(hw, k.N, k.E, k.MIN_VERSION)\n"
+        "FakePartition.table = {'vfs': data}\n"
+        "try:\n"
+        "    Esp32Double()\n"
+        "except hsmboot.BootError as e:\n"
+        "    print('NO ROMFS:', e)\n", guest)
+    assert "SIZE 65536" in out
+    assert "IMPORTED meter dev/x factory 5" in out and "RESET: app returned" in out, out
+    assert "NO ROMFS: no 'romfs' partition in the partition table" in out, out

@@ -88,7 +88,9 @@ def pss_verify(n, e, digest, s):
 
 
 def _check_blocks(sector, n, e, digest):
-    # SBv2 RSA block: magic E7, version 02, 2 pad, 32-byte digest, n (LE), e, R^2 mod n, n', sig
+    # SBv2 RSA block: magic E7, version 02, 2 pad, 32-byte digest, n (LE), e, R^2 mod n, n', sig.
+    # The block CRC is not checked: it guards against flash errors, and the fields that matter
+    # (key material compared byte for byte, digest, signature) are checked themselves.
     n_le = n.to_bytes(RSA_LEN, "little")
     seen = []
     for k in range(3):
@@ -205,6 +207,19 @@ class Esp32:
             pass
         rom = vfs.rom_ioctl(2, 0)  # memoryview of the romfs segment (this partition)
         vfs.mount(vfs.VfsRom(memoryview(rom)[:length]), "/rom")
+
+    def mount_data(self):
+        # the writable LittleFS `vfs` partition at "/", as the port's own _boot.py does; it is
+        # data only (never on sys.path). Not formatted here: provisioning writes it formatted.
+        import esp32
+        import vfs
+
+        found = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")
+        if found:
+            try:
+                vfs.mount(vfs.VfsLfs2(found[0]), "/")
+            except OSError as exc:
+                print("hsmboot: data partition not mounted:", exc)
 
     def lock_console(self):
         lock_console()
@@ -384,6 +399,8 @@ def _run(hw, n, e, min_version):
     hw.lock_console()
     version, length = verify(hw.readinto, hw.size(), n, e, min_version, firmware_mpy_version())
     hw.mount(length)
+    if hasattr(hw, "mount_data"):
+        hw.mount_data()
     sys.path[:] = hw.import_path
     __import__("main")
     return "app returned"
