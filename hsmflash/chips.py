@@ -90,7 +90,9 @@ CHIPS: dict[str, Chip] = {
         Chip("esp32c3", "ESP32-C3", (XTS_AES_128,), ("rsa-3072",), 3, key_blocks=_KEY_BLOCKS_6,
              image_chip_id=5, flash_maps=((0x42000000, 0x42800000), (0x3C000000, 0x3C800000))),
         Chip("esp32c2", "ESP32-C2 (ESP8684): 128-bit flash-encryption key, SBv2 ECDSA P-256",
-             (XTS_AES_128_FROM_128, XTS_AES_128), ("ec-p256",), 1, key_blocks=("BLOCK_KEY0",),
+             (XTS_AES_128_FROM_128,), ("ec-p256",), 1,
+             # its one key block in halves: the 128-bit flash key, the SBv2 digest's first half
+             key_blocks=("BLOCK_KEY0_LOW_128", "BLOCK_KEY0_HI_128"),
              image_chip_id=12, flash_maps=((0x42000000, 0x42400000), (0x3C000000, 0x3C400000))),
         Chip("esp32c6", "ESP32-C6", (XTS_AES_128,), ("rsa-3072", "ec-p256"), 3,
              key_blocks=_KEY_BLOCKS_6, image_chip_id=13,

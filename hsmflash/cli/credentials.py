@@ -53,6 +53,31 @@ def _settings(c: Context, master: str | None = None, revocation_key: str | None 
     return replace(s, **changes)
 
 
+def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None,
+               nvs_keys_address: str | None) -> tuple[int, int, int]:
+    """(nvs address, nvs size, nvs_keys address): from the table, else from the options."""
+    from hsmflash.errors import InputError, UsageError
+    from hsmflash.fileio import parse_int, read_input
+    from hsmflash.formats import partitions
+
+    if table is not None:
+        if nvs_address or nvs_size or nvs_keys_address:
+            raise UsageError("--table gives the addresses: drop --nvs-address, --nvs-size and "
+                             "--nvs-keys-address")
+        parts = partitions.read_table(read_input(table, "partition table"), str(table))
+        nvs, keys = partitions.find_nvs(parts), partitions.find_nvs_keys(parts)
+        if nvs is None or keys is None or not keys.encrypted:
+            problems = partitions.protection_problems(parts, credentials=True)
+            raise InputError(f"{table}: {problems[0]}")
+        return nvs.offset, nvs.size, keys.offset
+    if nvs_keys_address is None:
+        raise UsageError("give the device's partition table (--table TABLE) or its nvs_keys "
+                         "address (--nvs-keys-address)")
+    return (parse_int(nvs_address or "0x9000", "--nvs-address"),
+            parse_int(nvs_size or "0x6000", "--nvs-size"),
+            parse_int(nvs_keys_address, "--nvs-keys-address"))
+
+
 @credentials_app.command("issue")
 def issue_cmd(
     ctx: typer.Context,
@@ -63,13 +88,17 @@ def issue_cmd(
     nvs_keys_out: Annotated[Path | None, typer.Option(
         "--nvs-keys-out", help="Encrypted nvs_keys partition (default: "
         "nvs_keys-<device_id>.bin).")] = None,
-    nvs_address: Annotated[str, typer.Option(
-        "--nvs-address", help="NVS partition offset (recorded; NVS encryption is "
-        "position-independent).")] = "0x9000",
-    nvs_size: Annotated[str, typer.Option("--nvs-size", help="NVS partition size.")] = "0x6000",
-    nvs_keys_address: Annotated[str, typer.Option(
-        "--nvs-keys-address", help="nvs_keys partition offset: its flash-encryption "
-        "tweak.")] = "0xf000",
+    table: Annotated[Path | None, typer.Option(
+        "--table", help="The device's partition table (binary or CSV): NVS and nvs_keys "
+        "addresses and the NVS size come from it.")] = None,
+    nvs_address: Annotated[str | None, typer.Option(
+        "--nvs-address", help="NVS partition offset, without --table (recorded; NVS "
+        "encryption is position-independent; default 0x9000).")] = None,
+    nvs_size: Annotated[str | None, typer.Option(
+        "--nvs-size", help="NVS partition size, without --table (default 0x6000).")] = None,
+    nvs_keys_address: Annotated[str | None, typer.Option(
+        "--nvs-keys-address", help="nvs_keys partition offset (its flash-encryption tweak), "
+        "without --table. No default: MicroPython's tables have phy_init at 0xF000.")] = None,
     template: Annotated[Path | None, typer.Option(
         "--template", help="NVS CSV (key,type,encoding,value) with {device_id} {mac} "
         "{username} {secret} {server_url} placeholders.")] = None,
@@ -103,15 +132,13 @@ def issue_cmd(
         load_template,
     )
     from hsmflash.errors import UsageError
-    from hsmflash.fileio import atomic_write, check_output, parse_int
+    from hsmflash.fileio import atomic_write, check_output
     from hsmflash.formats.kdf import parse_mac
     from hsmflash.formats.x509 import pem
 
     c = _context(ctx)
     mac = parse_mac(device)
-    n_addr = parse_int(nvs_address, "--nvs-address")
-    size = parse_int(nvs_size, "--nvs-size")
-    k_addr = parse_int(nvs_keys_address, "--nvs-keys-address")
+    n_addr, size, k_addr = _addresses(table, nvs_address, nvs_size, nvs_keys_address)
     check_nvs_size(size)
     settings = _settings(c, master=master, server_url=server_url)
     if kind not in ("secret", "x509"):

@@ -230,6 +230,9 @@ def stored_key_order(device: Device, block: str, purpose: str | None, key: bytes
     if device.chip.is_esp32_classic:
         _check_block(device, block)
         return key[::-1] if block in _ESP32_REVERSED_BLOCKS else key
+    if device.chip.name in HALF_BLOCK_CHIPS:
+        _check_block(device, block)
+        return key[::-1] if (purpose or "").startswith("XTS_AES_") else key  # espefuse's rule
     purpose_field = _purpose_field(device, block)
     if purpose is None or purpose not in purpose_field.KEY_PURPOSES_NAME:
         raise InputError(f"key purpose {purpose!r} is not one of {device.chip.name}'s")
@@ -366,6 +369,12 @@ def burn(
 # ---------------------------------------------------------------------------------------
 
 
+# chips whose key block is used in halves, without a purpose field (espefuse's burn-key rules)
+HALF_BLOCK_CHIPS = ("esp32c2",)
+HALF_BLOCK_PURPOSES = {"BLOCK_KEY0_LOW_128": "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS",
+                       "BLOCK_KEY0_HI_128": "SECURE_BOOT_DIGEST"}
+
+
 def _check_block(device: Device, block: str) -> None:
     if block not in device.chip.key_blocks:
         raise InputError(
@@ -410,8 +419,17 @@ class _Plan:
         _check_block(device, k.block)
         key_field = efuses[k.block]
         classic = device.chip.is_esp32_classic
-        purpose_field = None if classic else _purpose_field(device, k.block)
-        if classic:
+        halves = device.chip.name in HALF_BLOCK_CHIPS
+        purpose_field = None if classic or halves else _purpose_field(device, k.block)
+        if halves:
+            # ESP32-C2: no purpose field; the half of BLOCK_KEY0 fixes the purpose
+            if k.purpose != HALF_BLOCK_PURPOSES.get(k.block):
+                raise InputError(f"{device.chip.name} {k.block} takes "
+                                 f"{HALF_BLOCK_PURPOSES.get(k.block)}, not {k.purpose!r}")
+            if k.read_protect and k.digest:
+                raise InputError(f"{k.block} holds a Secure Boot digest: it must stay readable")
+            stored = stored_key_order(device, k.block, k.purpose, k.key)
+        elif classic:
             if k.purpose is not None:
                 raise InputError(f"ESP32 {k.block} takes no key purpose (got {k.purpose!r})")
             stored = k.key if k.digest else stored_key_order(device, k.block, None, k.key)

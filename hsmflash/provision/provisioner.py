@@ -33,7 +33,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, Chip
+from hsmflash.chips import ESP32_AES256, SBV1, SBV2, XTS_AES_128, XTS_AES_128_FROM_128, Chip
 from hsmflash.device.base import Device, efuse_field_specs
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, Error, InputError, InternalError, PolicyRefused
@@ -336,10 +336,6 @@ class Provisioner:
         self.policy = policy
         self.chip = chip
         self.profile: ChipProfile = policy.profile(chip.name)
-        if self.chip.name == "esp32c2":
-            raise PolicyRefused("provisioning ESP32-C2 is not supported yet (its one key block "
-                                "holds the 128-bit flash key and the Secure Boot digest in "
-                                "halves); `hsmflash encrypt --chip esp32c2` works")
         self.images = images
         self.progress = progress or (lambda _msg: None)
         self.issued_certs: dict[str, tuple[str, str]] = {}  # mac -> (serial, cert sha256)
@@ -407,8 +403,8 @@ class Provisioner:
     def _check_exports(self) -> None:
         """Every key export the plan will need, against the policy, before the first burn."""
         self.policy.check_export("efuse_burn")
-        if self.profile.flash_encryption == ESP32_AES256:
-            self.policy.check_export("esp32_classic_transient")
+        for reason in self._crypt_exports:
+            self.policy.check_export(reason)
         if credentials_asked(self.policy):
             self.policy.check_export("device_secrets")
 
@@ -486,6 +482,8 @@ class Provisioner:
     def _fe_blocks(self, scheme: str) -> list[tuple[str, str | None]]:
         if self.chip.is_esp32_classic:
             return [("BLOCK1", None)]
+        if scheme == XTS_AES_128_FROM_128:  # ESP32-C2: the low half of its one key block
+            return [("BLOCK_KEY0_LOW_128", PURPOSE_FOR_SCHEME[scheme])]
         first = self.profile.key_block or "BLOCK_KEY0"
         index = self.chip.key_blocks.index(first)
         if scheme == XTS_AES_128:
@@ -532,18 +530,17 @@ class Provisioner:
                 used = {b for b, _ in plan.fe_blocks}
                 free = [b for b in self.chip.key_blocks if b not in used]
                 for i, pub in enumerate(self.sb_public):
-                    digest = secureboot.sbv2_public_key_digest(pub)
-                    block = free[i]
-                    dpurpose = f"SECURE_BOOT_DIGEST{i}"
+                    block, dpurpose, digest = self._digest_slot(free, i, pub)
                     blk = state.key_blocks[block]
-                    if blk.used and (blk.purpose not in (dpurpose, "USER")
+                    if blk.used and (blk.purpose not in (dpurpose, "USER", None)
                                      or (any(blk.data) and blk.data != digest)):
                         raise DeviceError(
                             f"{block} already holds {blk.purpose or 'data'} that is not the "
                             f"digest of {sb.keys[i]!r}: device was provisioned under "
                             "another policy")
-                    if not (blk.purpose == dpurpose and blk.data == digest
-                            and blk.write_protected and blk.purpose_write_protected):
+                    if not (blk.purpose in (dpurpose, None) and blk.data == digest
+                            and blk.write_protected
+                            and (blk.purpose_write_protected or blk.purpose is None)):
                         # blank, or killed inside the burn: burning again adds what is missing
                         plan.sb_burns.append((block, dpurpose, f"SBv2 digest of {sb.keys[i]}"))
                 plan.sb_kcv = ",".join(secureboot.sbv2_public_key_digest(p).hex()[:16]
@@ -580,6 +577,13 @@ class Provisioner:
                 and blk.purpose_write_protected):
             plan.hmac_burn = block
 
+    def _digest_slot(self, free: list[str], index: int, pub: Any) -> tuple[str, str, bytes]:
+        """(block, purpose, bytes to burn) of the `index`-th Secure Boot V2 key digest."""
+        digest = secureboot.sbv2_public_key_digest(pub)
+        if self.chip.name in hz.HALF_BLOCK_CHIPS:  # ESP32-C2: the digest's first 128 bits
+            return "BLOCK_KEY0_HI_128", "SECURE_BOOT_DIGEST", digest[:16]
+        return free[index], f"SECURE_BOOT_DIGEST{index}", digest
+
     def _derive(self, mac: bytes, purpose: str, why: str, *,
                 exportable: bool = False) -> DerivedKey:
         return self._live(why).derive(mac, purpose, exportable=exportable)
@@ -592,9 +596,12 @@ class Provisioner:
 
     @property
     def _crypt_exports(self) -> list[str]:
-        """What encrypting for this chip takes out of the token (ESP32 classic, in memory)."""
-        return ["esp32_classic_transient"] if self.profile.flash_encryption == ESP32_AES256 \
-            else []
+        """What encrypting for this chip takes out of the token: ESP32 classic's key on a
+        token without XOR derivation, ESP32-C2's 128-bit key for its SHA-256 expansion (both
+        in memory, wiped after use)."""
+        return {ESP32_AES256: ["esp32_classic_transient"],
+                XTS_AES_128_FROM_128: ["efuse128_transient"]}.get(
+                    self.profile.flash_encryption, [])
 
     def _key_state(self, device: Device, state: hz.EfuseState,
                    blocks: list[tuple[str, str | None]], purpose: str,
@@ -612,15 +619,15 @@ class Provisioner:
             if not blk.used and not blk.read_protected:
                 found.append("empty")
                 continue
-            if bpurpose is not None and blk.purpose not in (bpurpose, "USER"):
+            if bpurpose is not None and blk.purpose not in (bpurpose, "USER", None):
                 raise DeviceError(f"{block} has key purpose {blk.purpose}, policy needs "
                                   f"{bpurpose}: device was provisioned differently")
             if blk.read_protected and not protect:
                 raise DeviceError(f"{block} is read-protected, policy {self.policy.name!r} "
                                   "keeps keys readable: device was provisioned differently")
             complete = (blk.write_protected and blk.read_protected == protect
-                        and (bpurpose is None or (blk.purpose == bpurpose
-                                                  and blk.purpose_write_protected)))
+                        and (bpurpose is None or blk.purpose is None  # no purpose field
+                             or (blk.purpose == bpurpose and blk.purpose_write_protected)))
             if blk.read_protected:
                 found.append("unverified" if complete else "partial")
                 continue
@@ -628,8 +635,8 @@ class Provisioner:
                 found.append("partial")  # purpose or protection burned before the data
                 continue
             key = hz.stored_key_order(device, block, bpurpose, bytes(blk.data))
-            parts = _halves(key, purpose) if len(blocks) == 1 else [key]
             want = kcvs if len(blocks) == 1 else [kcvs[i]]
+            parts = _halves(key, purpose) if len(want) == 2 else [key]
             if [_sw_kcv(p) for p in parts] != want:
                 raise DeviceError(f"{block} already holds a different key: device was "
                                   "provisioned with another master key or policy")
@@ -705,7 +712,7 @@ class Provisioner:
                 enable["SECURE_BOOT_EN"] = 1
                 if self._needs_sha384:  # the ROM verifies P-384 blocks only with this set
                     enable["SECURE_BOOT_SHA384_EN"] = 1
-                if release:
+                if release and self.chip.sbv2_max_signatures > 1:
                     for i in range(len(self.sb_public), 3):
                         enable[f"SECURE_BOOT_KEY_REVOKE{i}"] = 1
         final: dict[str, int] = {}
@@ -825,8 +832,9 @@ class Provisioner:
                             d.destroy()
                         burns.append(hz.KeyBurn(block, bytes(sbkey), None, rp))
                     else:
-                        index = int(str(purpose)[-1])
-                        digest = secureboot.sbv2_public_key_digest(self.sb_public[index])
+                        index = int(str(purpose)[-1]) if str(purpose)[-1].isdigit() else 0
+                        _b, _p, digest = self._digest_slot([block], index,
+                                                           self.sb_public[index])
                         burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
                 if plan.hmac_burn:
                     d = self._derive(mac, "NVS_HMAC_UP", "burn", exportable=True)
@@ -871,6 +879,14 @@ class Provisioner:
             PolicyRefused: the export is not allowed.
         """
         scheme = self.profile.flash_encryption
+        if scheme == XTS_AES_128_FROM_128:
+            from hsmflash.encrypt import efuse128_crypt
+
+            d = self._derive(mac, PURPOSE_FOR_SCHEME[scheme], why, exportable=True)
+            try:
+                return efuse128_crypt(self._live(why), d, regions, decrypt)
+            finally:
+                d.destroy()
         if scheme == ESP32_AES256:
             d = self._derive(mac, "FLASH_ENCRYPTION", why, exportable=True)
             try:

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hsmflash.chips import ESP32_AES256, SBV2
+from hsmflash.chips import SBV2
 from hsmflash.device.base import Device, check_unique_mac
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, PolicyRefused, UsageError
@@ -68,8 +68,8 @@ class Reflasher(Provisioner):
         return {"table_pending": True, "reflash": True, "allow_rewrite": self.allow_rewrite}
 
     def _check_exports(self) -> None:
-        if self.profile.flash_encryption == ESP32_AES256:
-            self.policy.check_export("esp32_classic_transient")
+        for reason in self._crypt_exports:  # re-flash burns nothing: only the encryption's
+            self.policy.check_export(reason)
 
     def _held_digests(self, state: hz.EfuseState) -> set[bytes]:
         held = set()
@@ -79,6 +79,8 @@ class Reflasher(Provisioner):
                 slot = int(blk.purpose[-1])
                 if not (slot < len(revoked) and revoked[slot]):
                     held.add(bytes(blk.data))
+        if self.chip.name in hz.HALF_BLOCK_CHIPS:  # ESP32-C2: the digest's first 128 bits
+            held.add(bytes(state.key_blocks["BLOCK_KEY0_HI_128"].data))
         return held
 
     def _place_credentials(self, found: Any) -> None:
@@ -171,10 +173,12 @@ class Reflasher(Provisioner):
         if sb is None or sb.scheme != SBV2:
             return
         held = self._held_digests(state)
+        half = self.chip.name in hz.HALF_BLOCK_CHIPS  # ESP32-C2: the digest's first 128 bits
         for img in self.images:
             if not img.is_esp_image:
                 continue
-            digests = {b.key_digest for b in read_signature_blocks(img.data)}
+            digests = {b.key_digest[:16] if half else b.key_digest
+                       for b in read_signature_blocks(img.data)}
             if not digests & held:
                 raise PolicyRefused(
                     f"{img.path!r} is not signed by a key whose digest the device holds "

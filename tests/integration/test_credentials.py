@@ -428,3 +428,33 @@ def test_issue_to_an_unwritable_path_uses_no_key(keys, tmp_path, which):  # type
     assert str(bad) in r.err
     assert (log.read_bytes() if log.exists() else b"") == before  # no key use recorded
     assert not nvs.exists() and not nvs_keys.exists()
+
+
+def test_issue_takes_the_addresses_from_the_devices_table(keys, tmp_path):  # type: ignore[no-untyped-def]
+    from hsmflash.formats import partitions
+
+    table = tmp_path / "mp.csv"
+    table.write_text(partitions.to_csv(partitions.micropython_template()))
+    nvs, nvs_keys = tmp_path / "nvs.bin", tmp_path / "keys.bin"
+    r = keys.run("--json", "credentials", "issue", "--device", DEV_B, "--chip", "esp32s3",
+                 "--master", keys.master, "--server-url", URL, "--table", table,
+                 "--nvs-out", nvs, "--nvs-keys-out", nvs_keys)
+    assert r.code == 0, r.output
+    info = json.loads(r.out)
+    assert (info["nvs_keys_address"], info["nvs_size"]) == ("0xe000", "0x5000")
+    assert len(nvs.read_bytes()) == 0x5000
+    flash_key = spec_derive(FE_MASTER, DEV_B, "XTS_AES_128_KEY", 32)
+    plain = espsecure_decrypt(flash_key, nvs_keys.read_bytes(), 0xE000, xts=True)
+    assert plain[:64] == spec_nvs_keys(DEV_B)
+
+
+def test_issue_without_a_table_or_nvs_keys_address_is_refused(keys, tmp_path):  # type: ignore[no-untyped-def]
+    nvs = tmp_path / "nvs.bin"
+    r = keys.run("credentials", "issue", "--device", DEV_B, "--chip", "esp32s3", "--master",
+                 keys.master, "--server-url", URL, "--nvs-out", nvs)
+    assert r.code == 2 and "--table" in r.err and not nvs.exists()
+    table = tmp_path / "upstream.csv"
+    table.write_text("nvs, data, nvs, 0x9000, 0x6000\nphy_init, data, phy, 0xf000, 0x1000\n")
+    r = keys.run("credentials", "issue", "--device", DEV_B, "--chip", "esp32s3", "--master",
+                 keys.master, "--server-url", URL, "--table", table, "--nvs-out", nvs)
+    assert r.code == 3 and "nvs_keys" in r.err and not nvs.exists()

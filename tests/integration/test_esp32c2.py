@@ -97,14 +97,72 @@ def test_c2_sbv2_takes_ec_p256_only() -> None:
     assert c2.default_flash_encryption() == "xts-aes-128-from-128"
 
 
-def test_provisioning_a_virtual_c2_is_refused_clearly_before_any_burn(
-        cli, tmp_path: Path, policy_file: Path) -> None:
+def test_provision_a_virtual_c2(cli, tmp_path: Path, uniq: str, policy_file: Path) -> None:
+    """A blank virtual ESP32-C2 provisioned by the dev policy, read back with espefuse and
+    espsecure: the 128-bit key in the low half of BLOCK_KEY0, the first 128 bits of the ECDSA
+    key's SBv2 digest in the high half, and the flash decrypting with the 16-byte key."""
+    from test_provision import efuse_summary, raw, sbv2_digest
+
+    from hsmflash.formats import partitions
+    from imagebuilder import build_app, build_bootloader
+
+    master = os.urandom(32)
+    (tmp_path / "m.bin").write_bytes(master)
+    assert cli("keys", "import", f"{uniq}-fe-master", "--type", "aes-256", "--usage", "derive",
+               "--file", tmp_path / "m.bin").code == 0
+    (tmp_path / "m.bin").unlink()
+    assert cli("--policy", policy_file, "keys", "create").code == 0
+    pem = tmp_path / "sb.pem"
+    assert cli("keys", "public", f"{uniq}-sb-ecdsa", "-o", pem).code == 0
+    images = {0x0: build_bootloader("esp32c2", seed=1), 0x10000: build_app("esp32c2", seed=2)}
+    args = []
+    signed = {}
+    for address, data in images.items():
+        src, out = tmp_path / f"{address:x}.bin", tmp_path / f"{address:x}.signed"
+        src.write_bytes(data)
+        r = cli("--policy", policy_file, "sign", src, "-o", out, "--key", f"{uniq}-sb-ecdsa",
+                "--chip", "esp32c2")
+        assert r.code == 0, r.output
+        signed[address] = out.read_bytes()
+        args += ["--image", f"{address:#x}={out}"]
+    table = tmp_path / "table.bin"
+    table.write_bytes(partitions.build(partitions.default_layout()))
+    signed[0x8000] = table.read_bytes()
+    args += ["--image", f"0x8000={table}"]
     efuse, flash = tmp_path / "c2.efuse", tmp_path / "c2.flash"
-    r = cli("virtual", "create", "--chip", "esp32c2", "--mac", MAC, "--efuse-file", efuse)
-    assert r.code == 0, r.output
-    before = efuse.read_bytes()
-    (tmp_path / "app.bin").write_bytes(b"\xe9" + bytes(4095))
+    assert cli("virtual", "create", "--chip", "esp32c2", "--mac", MAC, "--efuse-file",
+               efuse).code == 0
     r = cli("--policy", policy_file, "provision", "--chip", "esp32c2", "--virtual-efuses",
-            efuse, "--virtual-flash", flash, "--image", f"0x10000={tmp_path / 'app.bin'}")
-    assert r.code == 5 and "ESP32-C2 is not supported yet" in r.err, r.output
-    assert efuse.read_bytes() == before and not flash.exists()
+            efuse, "--virtual-flash", flash, *args)
+    assert r.code == 0, r.output
+
+    key16 = derive(master, MAC, PURPOSE, 16)
+    summary = efuse_summary("esp32c2", efuse)
+    low = raw(summary, "BLOCK_KEY0_LOW_128").to_bytes(16, "big")
+    high = raw(summary, "BLOCK_KEY0_HI_128").to_bytes(16, "big")
+    assert low == key16[::-1]  # espefuse stores XTS keys byte-reversed (dev: readable)
+    assert high == sbv2_digest(pem, tmp_path)[:16]
+    assert raw(summary, "SPI_BOOT_CRYPT_CNT") == 1 and raw(summary, "SECURE_BOOT_EN") == 1
+    assert raw(summary, "XTS_KEY_LENGTH_256") == 0  # the chip expands the 128-bit key
+    data = flash.read_bytes()
+    for address, image in signed.items():
+        padded = image + b"\xff" * (-len(image) % 16)
+        stored = data[address:address + len(padded)]
+        assert stored != padded
+        assert espsecure_crypt(True, key16, stored, address) == padded, hex(address)
+    # a re-run finds it finished: nothing burned or written
+    r = cli("--policy", policy_file, "--json", "provision", "--chip", "esp32c2",
+            "--virtual-efuses", efuse, "--virtual-flash", flash, *args)
+    assert r.code == 0 and json.loads(r.out)[0]["result"] == "already-provisioned", r.output
+    # re-flash: a new app signed by the key whose digest half the chip holds
+    v2, v2_signed = tmp_path / "v2.bin", tmp_path / "v2.signed"
+    v2.write_bytes(build_app("esp32c2", seed=3))
+    assert cli("--policy", policy_file, "sign", v2, "-o", v2_signed, "--key",
+               f"{uniq}-sb-ecdsa", "--chip", "esp32c2").code == 0
+    r = cli("--policy", policy_file, "flash", "--chip", "esp32c2", "--virtual-efuses", efuse,
+            "--virtual-flash", flash, "--image", f"0x10000={v2_signed}")
+    assert r.code == 0, r.output
+    image = v2_signed.read_bytes()
+    padded = image + b"\xff" * (-len(image) % 16)
+    stored = flash.read_bytes()[0x10000:0x10000 + len(padded)]
+    assert espsecure_crypt(True, key16, stored, 0x10000) == padded
