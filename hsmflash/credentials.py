@@ -362,26 +362,32 @@ def _nvs_keys(st: Station, profile: Any, use: KeyUse, fe_master: TokenKey,
     return use.export(d, "device_secrets"), d.kcv
 
 
+def _hex_or_none(value: int | None) -> str | None:
+    return None if value is None else f"{value:#x}"
+
+
 def _protect_nvs_keys(st: Station, profile: Any, keys_plain: bytearray, chip: Any,
-                      nvs_keys_address: int, fe_master: TokenKey, device: bytes,
+                      nvs_keys_address: int | None, fe_master: TokenKey, device: bytes,
                       info: dict[str, Any]) -> bytes:
     """The encrypted nvs_keys partition (nvs-keys scheme), or b"" (hmac: the chip derives)."""
     try:
         if profile.nvs_encryption == "hmac":
             info.update({"nvs_encryption": "hmac", "hmac_key_block": profile.nvs_hmac_key_block})
             return b""
+        if nvs_keys_address is None:
+            raise InputError("the nvs-keys NVS scheme needs the nvs_keys partition's address")
         enc = crypt_image(st, bytes(keys_plain), chip, nvs_keys_address, master=fe_master,
                           device=device, name="nvs_keys partition")
     finally:
         wipe(keys_plain)
-    info.update({"nvs_encryption": "nvs-keys", "nvs_keys_address": f"{nvs_keys_address:#x}",
+    info.update({"nvs_encryption": "nvs-keys", "nvs_keys_address": _hex_or_none(nvs_keys_address),
                  "nvs_keys_sha256": enc.output_sha256, "flash_encryption": enc.scheme,
                  "flash_key_kcv": enc.kcv, "path": enc.path})
     return enc.output
 
 
 def build_device_partitions(
-    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
+    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int | None,
     nvs_address: int | None = None, template: NvsTemplate | None = None,
     settings: CredentialSettings | None = None, kind: str | None = None,
 ) -> DevicePartitions:
@@ -411,7 +417,7 @@ def build_device_partitions(
     kdf.check_device_id(device)
     the_chip = get_chip(chip)
     check_nvs_size(nvs_size)
-    if nvs_keys_address % NVS_PAGE:
+    if nvs_keys_address is not None and nvs_keys_address % NVS_PAGE:
         raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
     if nvs_address is not None and nvs_address % NVS_PAGE:
         raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
@@ -429,7 +435,7 @@ def build_device_partitions(
     fe_master = st.key(profile.derive_master)
 
     detail = {"chip": chip, "nvs_size": f"{nvs_size:#x}",
-              "nvs_keys_address": f"{nvs_keys_address:#x}", "template": template.source,
+              "nvs_keys_address": _hex_or_none(nvs_keys_address), "template": template.source,
               "scheme": kdf.SCHEME}
     if nvs_address is not None:
         detail["nvs_address"] = f"{nvs_address:#x}"
@@ -483,7 +489,7 @@ def x509_rows(settings: CredentialSettings, device: bytes, cert_der: bytes,
 
 
 def build_x509_partitions(
-    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int,
+    st: Station, chip: str, device: bytes, *, nvs_size: int, nvs_keys_address: int | None,
     nvs_address: int | None = None, settings: CredentialSettings | None = None,
     ca_dir: Path | None = None, keep_previous: bool = False,
 ) -> DevicePartitions:
@@ -513,7 +519,7 @@ def build_x509_partitions(
     kdf.check_device_id(device)
     the_chip = get_chip(chip)
     check_nvs_size(nvs_size)
-    if nvs_keys_address % NVS_PAGE:
+    if nvs_keys_address is not None and nvs_keys_address % NVS_PAGE:
         raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
     if nvs_address is not None and nvs_address % NVS_PAGE:
         raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
@@ -538,7 +544,7 @@ def build_x509_partitions(
     issued = ca.issue_device_cert(st, device, public, ca_dir=directory,
                                   detail={"chip": chip, "key_origin": "station-memory"})
     detail = {"chip": chip, "nvs_size": f"{nvs_size:#x}", "kind": "x509",
-              "nvs_keys_address": f"{nvs_keys_address:#x}", "scheme": kdf.SCHEME,
+              "nvs_keys_address": _hex_or_none(nvs_keys_address), "scheme": kdf.SCHEME,
               "serial": f"{issued.serial:x}"}
     if nvs_address is not None:
         detail["nvs_address"] = f"{nvs_address:#x}"

@@ -54,8 +54,10 @@ def _settings(c: Context, master: str | None = None, revocation_key: str | None 
 
 
 def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None,
-               nvs_keys_address: str | None) -> tuple[int, int, int]:
-    """(nvs address, nvs size, nvs_keys address): from the table, else from the options."""
+               nvs_keys_address: str | None, *, hmac_nvs: bool) -> tuple[int, int, int | None]:
+    """(nvs address, nvs size, nvs_keys address): from the table, else from the options. With
+    the HMAC NVS scheme there is no nvs_keys partition (None)."""
+    from hsmflash.credentials import check_nvs_size
     from hsmflash.errors import InputError, UsageError
     from hsmflash.fileio import parse_int, read_input
     from hsmflash.formats import partitions
@@ -66,16 +68,19 @@ def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None
                              "--nvs-keys-address")
         parts = partitions.read_table(read_input(table, "partition table"), str(table))
         nvs, keys = partitions.find_nvs(parts), partitions.find_nvs_keys(parts)
+        if nvs is not None and hmac_nvs:
+            return nvs.offset, nvs.size, None
         if nvs is None or keys is None or not keys.encrypted:
             problems = partitions.protection_problems(parts, credentials=True)
             raise InputError(f"{table}: {problems[0]}")
         return nvs.offset, nvs.size, keys.offset
-    if nvs_keys_address is None:
+    size = parse_int(nvs_size or "0x6000", "--nvs-size")
+    check_nvs_size(size)
+    if nvs_keys_address is None and not hmac_nvs:
         raise UsageError("give the device's partition table (--table TABLE) or its nvs_keys "
                          "address (--nvs-keys-address)")
-    return (parse_int(nvs_address or "0x9000", "--nvs-address"),
-            parse_int(nvs_size or "0x6000", "--nvs-size"),
-            parse_int(nvs_keys_address, "--nvs-keys-address"))
+    return (parse_int(nvs_address or "0x9000", "--nvs-address"), size,
+            parse_int(nvs_keys_address, "--nvs-keys-address") if nvs_keys_address else None)
 
 
 @credentials_app.command("issue")
@@ -138,15 +143,18 @@ def issue_cmd(
 
     c = _context(ctx)
     mac = parse_mac(device)
-    n_addr, size, k_addr = _addresses(table, nvs_address, nvs_size, nvs_keys_address)
-    check_nvs_size(size)
-    settings = _settings(c, master=master, server_url=server_url)
     if kind not in ("secret", "x509"):
         raise UsageError(f"--kind {kind!r}: one of secret, x509")
     if kind == "x509" and template is not None:
         raise UsageError("--template applies to --kind secret")
     if kind == "secret" and (cert_out or keep_previous or ca_dir):
         raise UsageError("--cert-out, --keep-previous and --ca-dir apply to --kind x509")
+    settings = _settings(c, master=master, server_url=server_url)
+    profile = c.policy.chips.get(chip)
+    hmac_nvs = profile is not None and profile.nvs_encryption == "hmac"
+    n_addr, size, k_addr = _addresses(table, nvs_address, nvs_size, nvs_keys_address,
+                                      hmac_nvs=hmac_nvs)
+    check_nvs_size(size)
     tmpl = load_template(template) if template else default_template(settings)
     nvs_path = nvs_out or Path(f"nvs-{device_id(mac)}.bin")
     keys_path = nvs_keys_out or Path(f"nvs_keys-{device_id(mac)}.bin")

@@ -597,7 +597,7 @@ def policy_check(
     file: Annotated[str, typer.Argument(help="Policy TOML file.")],
 ) -> None:
     """Validate a policy file; errors name the field at fault (exit 3)."""
-    from hsmflash.provision.provisioner import check_policy_efuses
+    from hsmflash.provision.proof import check_policy_efuses
 
     c = ctx_of(ctx)
     pol = load_policy(file)

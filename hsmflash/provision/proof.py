@@ -296,3 +296,20 @@ def check_harden(policy: Policy, chip: Chip, profile: ChipProfile,
         if not 0 < value < (1 << bits):
             raise InputError(f"{where}: value of {name} ({text}) does not fit its {bits} "
                              f"bit(s) (1..{(1 << bits) - 1})")
+
+
+def check_policy_efuses(policy: Policy) -> None:
+    """Check every `harden` entry of every chip profile against espefuse's tables for that
+    chip (each revision the profile covers; ESP32-P4 v3.x has its own map): names, values.
+
+    Raises:
+        InputError: naming the policy field (`chips.CHIP.harden`) and the entry.
+    """
+    from hsmflash.chips import get_chip
+    from hsmflash.device.base import efuse_field_specs
+
+    for chip_name, prof in policy.chips.items():
+        chip = get_chip(chip_name)
+        majors: list[int | None] = [*sorted(set(prof.revisions))] or [None]
+        for major in majors:
+            check_harden(policy, chip, prof, efuse_field_specs, major)

@@ -918,7 +918,7 @@ class Provisioner:
 
             parts = build_device_partitions(
                 self.st, self.chip.name, mac, nvs_size=cred.nvs_size,
-                nvs_keys_address=cred.nvs_keys_address or 0, nvs_address=cred.nvs_address)
+                nvs_keys_address=cred.nvs_keys_address, nvs_address=cred.nvs_address)
             if parts.nvs_keys:
                 plan.flash[-2].ciphertext = parts.nvs
                 plan.flash[-1].ciphertext = parts.nvs_keys
@@ -991,19 +991,3 @@ def _already(state: hz.EfuseState, name: str, value: int) -> bool:
     if isinstance(current, bytes):
         return False
     return int(current) == int(value) or (int(current) & int(value)) == int(value)
-
-
-def check_policy_efuses(policy: Policy) -> None:
-    """Check every `harden` entry of every chip profile against espefuse's tables for that
-    chip (each revision the profile covers; ESP32-P4 v3.x has its own map): names, values.
-
-    Raises:
-        InputError: naming the policy field (`chips.CHIP.harden`) and the entry.
-    """
-    from hsmflash.chips import get_chip
-
-    for chip_name, prof in policy.chips.items():
-        chip = get_chip(chip_name)
-        majors: list[int | None] = [*sorted(set(prof.revisions))] or [None]
-        for major in majors:
-            proof.check_harden(policy, chip, prof, efuse_field_specs, major)
