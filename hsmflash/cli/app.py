@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from hsmflash.cli.main import Context
+    from hsmflash.cli.context import Context
 
 app_app = typer.Typer(
     help="The MicroPython app: signed ROMFS app images (hsmflash-app-v1) and the boot verifier "
-         "frozen into the firmware.",
+    "frozen into the firmware.",
     no_args_is_help=True,
 )
 
 
 def _context(ctx: typer.Context) -> Context:
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
 
     return ctx_of(ctx)
 
@@ -30,16 +30,38 @@ def _context(ctx: typer.Context) -> Context:
 @app_app.command("build")
 def build_cmd(
     ctx: typer.Context,
-    src_dir: Annotated[str, typer.Argument(help="App source directory (main.py at its top).")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Signed app image to write.")],
-    key: Annotated[str, typer.Option("--key", help="Signing key (rsa-3072 for the boot "
-                                     "verifier) label or pkcs11: URI.")],
-    app_version: Annotated[int, typer.Option(
-        "--app-version", help="App version in the descriptor (anti-rollback).")] = 0,
-    mpy_version: Annotated[int, typer.Option(
-        "--mpy-version", help="6 (MicroPython >= 1.25) or 4 (Pycom MicroPython 1.11).")] = 6,
-    include_source: Annotated[bool, typer.Option(
-        "--include-source", help="Also ship the .py sources (default: .mpy only).")] = False,
+    src_dir: Annotated[
+        Path, typer.Argument(help="App source directory (main.py at its top).", metavar="DIR")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Signed app image to write.", metavar="FILE")
+    ],
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            help="Signing key (rsa-3072 for the boot verifier) label or pkcs11: URI.",
+            metavar="KEY",
+        ),
+    ],
+    app_version: Annotated[
+        int,
+        typer.Option(
+            "--app-version", help="App version in the descriptor (anti-rollback).", metavar="N"
+        ),
+    ] = 0,
+    mpy_version: Annotated[
+        int,
+        typer.Option(
+            "--mpy-version",
+            help="6 (MicroPython >= 1.25) or 4 (Pycom MicroPython 1.11).",
+            metavar="N",
+        ),
+    ] = 6,
+    include_source: Annotated[
+        bool,
+        typer.Option("--include-source", help="Also ship the .py sources (default: .mpy only)."),
+    ] = False,
 ) -> None:
     """Compile SRC_DIR with mpy-cross, pack it as ROMFS and sign it with a token key.
 
@@ -54,24 +76,40 @@ def build_cmd(
     with c.station() as st:
         token_key = st.key(key)
         check_signing_key(token_key)
-        result = build_app(st, Path(src_dir), token_key, app_version=app_version,
-                           mpy_version=mpy_version, include_source=include_source)
+        result = build_app(
+            st,
+            Path(src_dir),
+            token_key,
+            app_version=app_version,
+            mpy_version=mpy_version,
+            include_source=include_source,
+        )
         writing = BackgroundWrite(output, result.output)
     writing.wait()
     s = {**result.summary, "output": str(output)}
-    c.emit(s, f"built {output}: {s['modules']} module(s) as .mpy v{mpy_version}, app version "
-              f"{app_version}, ROMFS {s['romfs_length']} bytes, signed by {s['key']} "
-              f"({s['key_fp'][:23]})")
+    c.emit(
+        s,
+        f"built {output}: {s['modules']} module(s) as .mpy v{mpy_version}, app version "
+        f"{app_version}, ROMFS {s['romfs_length']} bytes, signed by {s['key']} "
+        f"({s['key_fp'][:23]})",
+    )
 
 
 @app_app.command("verify")
 def verify_cmd(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Signed app image.")],
-    pubkey: Annotated[str, typer.Option("--pubkey", help="App-signing public key PEM.")],
-    min_version: Annotated[int | None, typer.Option(
-        "--min-version", help="Refuse an app version below this (as the boot module does).")]
-        = None,
+    image: Annotated[Path, typer.Argument(help="Signed app image.", metavar="FILE")],
+    pubkey: Annotated[
+        Path, typer.Option("--pubkey", help="App-signing public key PEM.", metavar="PEM")
+    ],
+    min_version: Annotated[
+        int | None,
+        typer.Option(
+            "--min-version",
+            help="Refuse an app version below this (as the boot module does).",
+            metavar="N",
+        ),
+    ] = None,
 ) -> None:
     """Verify an app image without a token: signature, ROMFS digest, version (exit 6 if not)."""
     from hsmflash.fileio import read_input
@@ -80,26 +118,46 @@ def verify_cmd(
 
     c = _context(ctx)
     pub = load_public_key(read_input(pubkey, "public key"), str(pubkey))
-    app_image, block = verify_app_image(read_input(image, "app image"), pub,
-                                        min_version=min_version, name=str(image))
+    app_image, block = verify_app_image(
+        read_input(image, "app image"), pub, min_version=min_version, name=str(image)
+    )
     s: dict[str, Any] = {**app_image.summary(), "verified_block": block, "ok": True}
-    c.emit(s, f"{image}: app version {app_image.app_version}, .mpy v{app_image.mpy_version}, "
-              f"ROMFS {app_image.image_length} bytes: signature OK (block {block})")
+    c.emit(
+        s,
+        f"{image}: app version {app_image.app_version}, .mpy v{app_image.mpy_version}, "
+        f"ROMFS {app_image.image_length} bytes: signature OK (block {block})",
+    )
 
 
 @app_app.command("bootcode")
 def bootcode_cmd(
     ctx: typer.Context,
-    output: Annotated[str, typer.Option("-o", "--output", help="Directory to write into.")],
-    key: Annotated[str | None, typer.Option(
-        "--key", help="App-signing key in the token (public half only; no PIN).")] = None,
-    pubkey: Annotated[str | None, typer.Option(
-        "--pubkey", help="Or its public key PEM (no token).")] = None,
-    min_version: Annotated[int, typer.Option(
-        "--min-version", help="Lowest app version the device will run.")] = 0,
-    variant: Annotated[str, typer.Option(
-        "--variant", help="upstream (MicroPython >= 1.25, ESP32 chips) or pycom "
-        "(frozen/Base/_boot.py of Pycom's MicroPython 1.11).")] = "upstream",
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Directory to write into.", metavar="FILE")
+    ],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key", help="App-signing key in the token (public half only; no PIN).", metavar="KEY"
+        ),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option("--pubkey", help="Or its public key PEM (no token).", metavar="PEM"),
+    ] = None,
+    min_version: Annotated[
+        int,
+        typer.Option("--min-version", help="Lowest app version the device will run.", metavar="N"),
+    ] = 0,
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant",
+            help="upstream (MicroPython >= 1.25, ESP32 chips) or pycom "
+            "(frozen/Base/_boot.py of Pycom's MicroPython 1.11).",
+            metavar="VARIANT",
+        ),
+    ] = "upstream",
 ) -> None:
     """Write the boot verifier to freeze into the firmware, with the app key pinned."""
     from hsmflash.app.bootcode import make_bootcode
@@ -125,8 +183,13 @@ def bootcode_cmd(
         with open_session(cfg, login=False) as session:
             name = KeyRef.parse(str(key)).label
             pub = find_key(session, name, cfg.label).public_key()
-    code = make_bootcode(pub, key_name=name, min_version=min_version, variant=variant,
-                         base_path=str(out_dir.resolve()))
+    code = make_bootcode(
+        pub,
+        key_name=name,
+        min_version=min_version,
+        variant=variant,
+        base_path=str(out_dir.resolve()),
+    )
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
     try:
@@ -138,6 +201,9 @@ def bootcode_cmd(
             path.unlink(missing_ok=True)
         raise
     s = {**code.summary, "output": str(out_dir)}
-    c.emit(s, f"wrote {', '.join(code.summary['files'])} to {out_dir} ({variant}; key "
-              f"{name}, digest {s['key_digest'][:16]}..., minimum version {min_version})\n"
-              f"freeze them as {code.summary['manifest']} says")
+    c.emit(
+        s,
+        f"wrote {', '.join(code.summary['files'])} to {out_dir} ({variant}; key "
+        f"{name}, digest {s['key_digest'][:16]}..., minimum version {min_version})\n"
+        f"freeze them as {code.summary['manifest']} says",
+    )

@@ -16,25 +16,59 @@ _MARK = {"closed": "closed ", "open": "OPEN   ", "unknown": "unknown"}
 @app_app.command("check")
 def check_cmd(
     ctx: typer.Context,
-    chip: Annotated[str | None, typer.Option("--chip", help="Chip family (needed with "
-                                             "--virtual-efuses).")] = None,
-    firmware: Annotated[Path | None, typer.Option(
-        "--firmware", help="The MicroPython firmware image (plaintext, as built).")] = None,
-    table: Annotated[Path | None, typer.Option(
-        "--table", help="Partition table (binary or CSV); default: read from "
-        "--virtual-flash where it is readable.")] = None,
-    app_image: Annotated[Path | None, typer.Option("--app", help="Signed app image.")] = None,
-    pubkey: Annotated[list[Path] | None, typer.Option(
-        "--pubkey", help="App-signing public key PEM (repeat).")] = None,
-    min_version: Annotated[int | None, typer.Option(
-        "--min-version", help="Minimum app version the boot module pins.")] = None,
-    virtual_efuses: Annotated[Path | None, typer.Option(
-        "--virtual-efuses", help="A (virtual) chip's eFuse file, read with espefuse.")] = None,
-    virtual_flash: Annotated[Path | None, typer.Option(
-        "--virtual-flash", help="Its flash file.")] = None,
-    production: Annotated[bool, typer.Option(
-        "--production", help="Exit 5 when a channel is open (implied by a --policy whose "
-        "chip profile has release_mode).")] = False,
+    chip: Annotated[
+        str | None,
+        typer.Option("--chip", help="Chip family (needed with --virtual-efuses).", metavar="CHIP"),
+    ] = None,
+    firmware: Annotated[
+        Path | None,
+        typer.Option(
+            "--firmware",
+            help="The MicroPython firmware image (plaintext, as built).",
+            metavar="FILE",
+        ),
+    ] = None,
+    table: Annotated[
+        Path | None,
+        typer.Option(
+            "--table",
+            help="Partition table (binary or CSV); default: read from "
+            "--virtual-flash where it is readable.",
+            metavar="FILE",
+        ),
+    ] = None,
+    app_image: Annotated[
+        Path | None, typer.Option("--app", help="Signed app image.", metavar="FILE")
+    ] = None,
+    pubkey: Annotated[
+        list[Path] | None,
+        typer.Option("--pubkey", help="App-signing public key PEM (repeat).", metavar="PEM"),
+    ] = None,
+    min_version: Annotated[
+        int | None,
+        typer.Option(
+            "--min-version", help="Minimum app version the boot module pins.", metavar="N"
+        ),
+    ] = None,
+    virtual_efuses: Annotated[
+        Path | None,
+        typer.Option(
+            "--virtual-efuses",
+            help="A (virtual) chip's eFuse file, read with espefuse.",
+            metavar="FILE",
+        ),
+    ] = None,
+    virtual_flash: Annotated[
+        Path | None, typer.Option("--virtual-flash", help="Its flash file.", metavar="FILE")
+    ] = None,
+    production: Annotated[
+        bool,
+        typer.Option(
+            "--production",
+            help="Exit 5 when a channel is open (implied by a --policy whose "
+            "chip profile has release_mode).",
+        ),
+    ] = False,
 ) -> None:
     """The lockdown report: every channel through which the app or its credentials can be
     read or altered (REPL, Ctrl-C, WebREPL, Telnet/FTP, safe boot, filesystem at rest, import
@@ -42,7 +76,7 @@ def check_cmd(
     or unknown with its evidence and how to close it. Never "closed" without evidence."""
     from hsmflash.app import lockdown
     from hsmflash.chips import get_chip
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
     from hsmflash.errors import PolicyRefused, UsageError
     from hsmflash.fileio import read_input
     from hsmflash.formats import partitions
@@ -76,8 +110,9 @@ def check_cmd(
             inputs.flash, inputs.flash_name = virtual_flash.read_bytes(), str(virtual_flash)
             if inputs.table is None:
                 how: list[str] = []
-                inputs.table = lockdown.table_from_flash(inputs.flash, inputs.efuses, chip_obj,
-                                                         how.append)
+                inputs.table = lockdown.table_from_flash(
+                    inputs.flash, inputs.efuses, chip_obj, how.append
+                )
                 if inputs.table is not None:
                     inputs.table_name = f"{virtual_flash}@0x8000 ({how[0]})"
     if c.policy_path is not None and chip_obj is not None and chip_obj.name in c.policy.chips:
@@ -94,5 +129,7 @@ def check_cmd(
 
     c.emit({**report.as_dict(), "production": production}, human)
     if production and report.open:
-        raise PolicyRefused(f"{len(report.open)} channel(s) open under a production policy: "
-                            + ", ".join(ch.id for ch in report.open))
+        raise PolicyRefused(
+            f"{len(report.open)} channel(s) open under a production policy: "
+            + ", ".join(ch.id for ch in report.open)
+        )

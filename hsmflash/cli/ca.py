@@ -11,23 +11,33 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from hsmflash.cli.main import Context
+    from hsmflash.cli.context import Context
 
 ca_app = typer.Typer(
     help="The device CA: key in the token, self-signed root or subordinate, certificate kept "
-         "in the token.",
+    "in the token.",
     no_args_is_help=True,
 )
 
-KeyOpt = Annotated[str | None, typer.Option(
-    "--key", help="CA key (ec-p256 or rsa-3072, usage sign; default: the policy's "
-    "[ca] key, else 'device-ca').")]
-SubjectOpt = Annotated[str, typer.Option(
-    "--subject", help='CA subject, e.g. "CN=Example Device CA,O=Example".')]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="CA key (ec-p256 or rsa-3072, usage sign; default: the policy's "
+        "[ca] key, else 'device-ca').",
+        metavar="KEY",
+    ),
+]
+SubjectOpt = Annotated[
+    str,
+    typer.Option(
+        "--subject", help='CA subject, e.g. "CN=Example Device CA,O=Example".', metavar="DN"
+    ),
+]
 
 
 def _context(ctx: typer.Context) -> Context:
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
 
     return ctx_of(ctx)
 
@@ -36,9 +46,11 @@ def _context(ctx: typer.Context) -> Context:
 def init_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CA certificate (PEM).")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Write the CA certificate (PEM).", metavar="FILE")
+    ],
     key: KeyOpt = None,
-    days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 3650,
+    days: Annotated[int, typer.Option("--days", help="Validity in days.", metavar="DAYS")] = 3650,
 ) -> None:
     """Make a self-signed CA certificate for the token key and keep it in the token."""
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -54,16 +66,18 @@ def init_cmd(
         cert = ca.init(st, ca.ca_key(st, key), name, days)
         atomic_write(out, cert.public_bytes(Encoding.PEM))
         info = ca.show(st, ca.ca_key(st, key))
-    c.emit({**info, "out": str(out)},
-           f"CA {info['subject']} ({info['type']}), serial {info['serial']}, until "
-           f"{info['not_after']}\n  {out}")
+    c.emit(
+        {**info, "out": str(out)},
+        f"CA {info['subject']} ({info['type']}), serial {info['serial']}, until "
+        f"{info['not_after']}\n  {out}",
+    )
 
 
 @ca_app.command("csr")
 def csr_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CSR (PEM).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CSR (PEM).", metavar="FILE")],
     key: KeyOpt = None,
 ) -> None:
     """Make a CSR for the token key, for a CA to be signed by another (root) CA."""
@@ -77,14 +91,18 @@ def csr_cmd(
     with c.station() as st:
         der = ca.csr(st, ca.ca_key(st, key), name)
     atomic_write(out, pem(der, "CERTIFICATE REQUEST"))
-    c.emit({"subject": name.rfc4514_string(), "out": str(out)}, f"CSR for {name.rfc4514_string()}"
-           f"\n  {out}")
+    c.emit(
+        {"subject": name.rfc4514_string(), "out": str(out)},
+        f"CSR for {name.rfc4514_string()}\n  {out}",
+    )
 
 
 @ca_app.command("import-cert")
 def import_cmd(
     ctx: typer.Context,
-    cert_file: Annotated[Path, typer.Argument(help="The CA certificate (PEM or DER).")],
+    cert_file: Annotated[
+        Path, typer.Argument(help="The CA certificate (PEM or DER).", metavar="FILE")
+    ],
     key: KeyOpt = None,
 ) -> None:
     """Keep a CA certificate issued elsewhere for the token key (it must match the key)."""

@@ -13,31 +13,49 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from hsmflash.cli.main import Context
+    from hsmflash.cli.context import Context
     from hsmflash.credentials import CredentialSettings
 
 credentials_app = typer.Typer(
     help="Per-device server credentials, written to the device's encrypted NVS: a secret "
-         "derived in the token (checked by re-derivation, revoked through a signed list) or an "
-         "X.509 certificate from the device CA (revoked through its CRL).",
+    "derived in the token (checked by re-derivation, revoked through a signed list) or an "
+    "X.509 certificate from the device CA (revoked through its CRL).",
     no_args_is_help=True,
 )
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="Device base MAC aa:bb:cc:dd:ee:ff.")]
-MasterOpt = Annotated[str | None, typer.Option(
-    "--master", help="Credential master key (default: the policy's, else 'cred-master').")]
-RevKeyOpt = Annotated[str | None, typer.Option(
-    "--key", help="Revocation signing key, ec-p256 (default: the policy's, else 'revocation').")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Device base MAC aa:bb:cc:dd:ee:ff.", metavar="MAC")
+]
+MasterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--master",
+        help="Credential master key (default: the policy's, else 'cred-master').",
+        metavar="KEY",
+    ),
+]
+RevKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="Revocation signing key, ec-p256 (default: the policy's, else 'revocation').",
+        metavar="KEY",
+    ),
+]
 
 
 def _context(ctx: typer.Context) -> Context:
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
 
     return ctx_of(ctx)
 
 
-def _settings(c: Context, master: str | None = None, revocation_key: str | None = None,
-              server_url: str | None = None) -> CredentialSettings:
+def _settings(
+    c: Context,
+    master: str | None = None,
+    revocation_key: str | None = None,
+    server_url: str | None = None,
+) -> CredentialSettings:
     from dataclasses import replace
 
     from hsmflash.credentials import CredentialSettings
@@ -46,15 +64,30 @@ def _settings(c: Context, master: str | None = None, revocation_key: str | None 
     if master is not None and master != s.master and c.policy.keys:
         from hsmflash.errors import PolicyRefused
 
-        raise PolicyRefused(f"--master {master!r}: policy {c.policy.name!r} issues credentials "
-                            f"only from its credentials master {s.master!r}")
-    changes = {k: v for k, v in (("master", master), ("revocation_key", revocation_key),
-                                 ("server_url", server_url)) if v is not None}
+        raise PolicyRefused(
+            f"--master {master!r}: policy {c.policy.name!r} issues credentials "
+            f"only from its credentials master {s.master!r}"
+        )
+    changes = {
+        k: v
+        for k, v in (
+            ("master", master),
+            ("revocation_key", revocation_key),
+            ("server_url", server_url),
+        )
+        if v is not None
+    }
     return replace(s, **changes)
 
 
-def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None,
-               nvs_keys_address: str | None, *, hmac_nvs: bool) -> tuple[int, int, int | None]:
+def _addresses(
+    table: Path | None,
+    nvs_address: str | None,
+    nvs_size: str | None,
+    nvs_keys_address: str | None,
+    *,
+    hmac_nvs: bool,
+) -> tuple[int, int, int | None]:
     """(nvs address, nvs size, nvs_keys address): from the table, else from the options. With
     the HMAC NVS scheme there is no nvs_keys partition (None)."""
     from hsmflash.credentials import check_nvs_size
@@ -64,8 +97,9 @@ def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None
 
     if table is not None:
         if nvs_address or nvs_size or nvs_keys_address:
-            raise UsageError("--table gives the addresses: drop --nvs-address, --nvs-size and "
-                             "--nvs-keys-address")
+            raise UsageError(
+                "--table gives the addresses: drop --nvs-address, --nvs-size and --nvs-keys-address"
+            )
         parts = partitions.read_table(read_input(table, "partition table"), str(table))
         nvs, keys = partitions.find_nvs(parts), partitions.find_nvs_keys(parts)
         if nvs is not None and hmac_nvs:
@@ -77,50 +111,118 @@ def _addresses(table: Path | None, nvs_address: str | None, nvs_size: str | None
     size = parse_int(nvs_size or "0x6000", "--nvs-size")
     check_nvs_size(size)
     if nvs_keys_address is None and not hmac_nvs:
-        raise UsageError("give the device's partition table (--table TABLE) or its nvs_keys "
-                         "address (--nvs-keys-address)")
-    return (parse_int(nvs_address or "0x9000", "--nvs-address"), size,
-            parse_int(nvs_keys_address, "--nvs-keys-address") if nvs_keys_address else None)
+        raise UsageError(
+            "give the device's partition table (--table TABLE) or its nvs_keys "
+            "address (--nvs-keys-address)"
+        )
+    return (
+        parse_int(nvs_address or "0x9000", "--nvs-address"),
+        size,
+        parse_int(nvs_keys_address, "--nvs-keys-address") if nvs_keys_address else None,
+    )
 
 
 @credentials_app.command("issue")
 def issue_cmd(
     ctx: typer.Context,
     device: DeviceOpt,
-    chip: Annotated[str, typer.Option("--chip", help="Chip family (a profile of the policy).")],
-    nvs_out: Annotated[Path | None, typer.Option(
-        "--nvs-out", help="NVS partition image (default: nvs-<device_id>.bin).")] = None,
-    nvs_keys_out: Annotated[Path | None, typer.Option(
-        "--nvs-keys-out", help="Encrypted nvs_keys partition (default: "
-        "nvs_keys-<device_id>.bin).")] = None,
-    table: Annotated[Path | None, typer.Option(
-        "--table", help="The device's partition table (binary or CSV): NVS and nvs_keys "
-        "addresses and the NVS size come from it.")] = None,
-    nvs_address: Annotated[str | None, typer.Option(
-        "--nvs-address", help="NVS partition offset, without --table (recorded; NVS "
-        "encryption is position-independent; default 0x9000).")] = None,
-    nvs_size: Annotated[str | None, typer.Option(
-        "--nvs-size", help="NVS partition size, without --table (default 0x6000).")] = None,
-    nvs_keys_address: Annotated[str | None, typer.Option(
-        "--nvs-keys-address", help="nvs_keys partition offset (its flash-encryption tweak), "
-        "without --table. No default: MicroPython's tables have phy_init at 0xF000.")] = None,
-    template: Annotated[Path | None, typer.Option(
-        "--template", help="NVS CSV (key,type,encoding,value) with {device_id} {mac} "
-        "{username} {secret} {server_url} placeholders.")] = None,
-    server_url: Annotated[str | None, typer.Option(
-        "--server-url", help="Server URL for the device (default: the policy's).")] = None,
+    chip: Annotated[
+        str, typer.Option("--chip", help="Chip family (a profile of the policy).", metavar="CHIP")
+    ],
+    nvs_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--nvs-out", help="NVS partition image (default: nvs-<device_id>.bin).", metavar="FILE"
+        ),
+    ] = None,
+    nvs_keys_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--nvs-keys-out",
+            help="Encrypted nvs_keys partition (default: nvs_keys-<device_id>.bin).",
+            metavar="FILE",
+        ),
+    ] = None,
+    table: Annotated[
+        Path | None,
+        typer.Option(
+            "--table",
+            help="The device's partition table (binary or CSV): NVS and nvs_keys "
+            "addresses and the NVS size come from it.",
+            metavar="FILE",
+        ),
+    ] = None,
+    nvs_address: Annotated[
+        str | None,
+        typer.Option(
+            "--nvs-address",
+            help="NVS partition offset, without --table (recorded; NVS "
+            "encryption is position-independent; default 0x9000).",
+            metavar="ADDR",
+        ),
+    ] = None,
+    nvs_size: Annotated[
+        str | None,
+        typer.Option(
+            "--nvs-size",
+            help="NVS partition size, without --table (default 0x6000).",
+            metavar="SIZE",
+        ),
+    ] = None,
+    nvs_keys_address: Annotated[
+        str | None,
+        typer.Option(
+            "--nvs-keys-address",
+            help="nvs_keys partition offset (its flash-encryption tweak), "
+            "without --table. No default: MicroPython's tables have phy_init at 0xF000.",
+            metavar="ADDR",
+        ),
+    ] = None,
+    template: Annotated[
+        Path | None,
+        typer.Option(
+            "--template",
+            help="NVS CSV (key,type,encoding,value) with {device_id} {mac} "
+            "{username} {secret} {server_url} placeholders.",
+            metavar="FILE",
+        ),
+    ] = None,
+    server_url: Annotated[
+        str | None,
+        typer.Option(
+            "--server-url", help="Server URL for the device (default: the policy's).", metavar="URL"
+        ),
+    ] = None,
     master: MasterOpt = None,
-    kind: Annotated[str, typer.Option(
-        "--kind", help="secret (derived credential) or x509 (a P-256 key and a certificate "
-        "from the device CA, as NVS blobs dev_key/dev_cert).")] = "secret",
-    cert_out: Annotated[Path | None, typer.Option(
-        "--cert-out", help="x509: also write the device certificate (PEM).")] = None,
-    keep_previous: Annotated[bool, typer.Option(
-        "--keep-previous", help="x509: do not revoke the device's earlier "
-        "certificates.")] = False,
-    ca_dir: Annotated[Path | None, typer.Option(
-        "--ca-dir", help="x509: CA index and CRL directory (default: the policy's "
-        "[ca] dir).")] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="secret (derived credential) or x509 (a P-256 key and a certificate "
+            "from the device CA, as NVS blobs dev_key/dev_cert).",
+            metavar="KIND",
+        ),
+    ] = "secret",
+    cert_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--cert-out", help="x509: also write the device certificate (PEM).", metavar="FILE"
+        ),
+    ] = None,
+    keep_previous: Annotated[
+        bool,
+        typer.Option(
+            "--keep-previous", help="x509: do not revoke the device's earlier certificates."
+        ),
+    ] = False,
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-dir",
+            help="x509: CA index and CRL directory (default: the policy's [ca] dir).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
     """Write a device's encrypted NVS partition (credential inside) and its nvs_keys partition.
 
@@ -152,8 +254,9 @@ def issue_cmd(
     settings = _settings(c, master=master, server_url=server_url)
     profile = c.policy.chips.get(chip)
     hmac_nvs = profile is not None and profile.nvs_encryption == "hmac"
-    n_addr, size, k_addr = _addresses(table, nvs_address, nvs_size, nvs_keys_address,
-                                      hmac_nvs=hmac_nvs)
+    n_addr, size, k_addr = _addresses(
+        table, nvs_address, nvs_size, nvs_keys_address, hmac_nvs=hmac_nvs
+    )
     check_nvs_size(size)
     tmpl = load_template(template) if template else default_template(settings)
     nvs_path = nvs_out or Path(f"nvs-{device_id(mac)}.bin")
@@ -164,13 +267,29 @@ def issue_cmd(
         check_output(cert_out, "certificate")
     with c.station() as st:
         if kind == "x509":
-            parts = build_x509_partitions(st, chip, mac, nvs_size=size, nvs_keys_address=k_addr,
-                                          nvs_address=n_addr, settings=settings, ca_dir=ca_dir,
-                                          keep_previous=keep_previous)
+            parts = build_x509_partitions(
+                st,
+                chip,
+                mac,
+                nvs_size=size,
+                nvs_keys_address=k_addr,
+                nvs_address=n_addr,
+                settings=settings,
+                ca_dir=ca_dir,
+                keep_previous=keep_previous,
+            )
         else:
-            parts = build_device_partitions(st, chip, mac, nvs_size=size,
-                                            nvs_keys_address=k_addr, nvs_address=n_addr,
-                                            template=tmpl, settings=settings, kind="secret")
+            parts = build_device_partitions(
+                st,
+                chip,
+                mac,
+                nvs_size=size,
+                nvs_keys_address=k_addr,
+                nvs_address=n_addr,
+                template=tmpl,
+                settings=settings,
+                kind="secret",
+            )
     atomic_write(nvs_path, parts.nvs, mode=0o600)
     try:
         if parts.nvs_keys:  # none with the HMAC scheme: the chip derives its NVS keys
@@ -185,34 +304,58 @@ def issue_cmd(
     info.pop("cert_der", None)
     if parts.nvs_keys:
         info["nvs_keys_out"] = str(keys_path)
-    keys_line = (f"{keys_path} (nvs_keys at {info['nvs_keys_address']}, "
-                 f"{info['flash_encryption']})" if parts.nvs_keys else
-                 f"no nvs_keys partition: NVS keys from the HMAC_UP key in "
-                 f"{info.get('hmac_key_block')}")
+    keys_line = (
+        f"{keys_path} (nvs_keys at {info['nvs_keys_address']}, {info['flash_encryption']})"
+        if parts.nvs_keys
+        else f"no nvs_keys partition: NVS keys from the HMAC_UP key in {info.get('hmac_key_block')}"
+    )
     if kind == "x509":
-        c.emit(info, f"{info['device']}: certificate serial {info['serial']} (sha256 "
-                     f"{info['cert_sha256'][:16]}...), key {info['device_key_fp'][:23]}...\n"
-                     f"  {nvs_path} (NVS at {info.get('nvs_address', '?')}, {info['nvs_size']})"
-                     f"\n  {keys_line}")
+        c.emit(
+            info,
+            f"{info['device']}: certificate serial {info['serial']} (sha256 "
+            f"{info['cert_sha256'][:16]}...), key {info['device_key_fp'][:23]}...\n"
+            f"  {nvs_path} (NVS at {info.get('nvs_address', '?')}, {info['nvs_size']})"
+            f"\n  {keys_line}",
+        )
         return
-    c.emit(info, f"{info['device']}: credential kcv {info['credential_kcv']}, user "
-                 f"{info['username']}\n  {nvs_path} (NVS at {info['nvs_address']}, "
-                 f"{info['nvs_size']})\n  {keys_line}")
+    c.emit(
+        info,
+        f"{info['device']}: credential kcv {info['credential_kcv']}, user "
+        f"{info['username']}\n  {nvs_path} (NVS at {info['nvs_address']}, "
+        f"{info['nvs_size']})\n  {keys_line}",
+    )
 
 
 @credentials_app.command("check")
 def check_cmd(
     ctx: typer.Context,
     device: DeviceOpt,
-    secret_file: Annotated[Path, typer.Option(
-        "--secret-file", help="The secret the device presented (64 hex digits).")],
-    revocations: Annotated[Path | None, typer.Option(
-        "--revocations", help="Signed revocation list: a revoked device fails.")] = None,
-    pubkey: Annotated[Path | None, typer.Option(
-        "--pubkey", help="PEM key the list must verify with (default: the token's "
-        "revocation key).")] = None,
-    min_sequence: Annotated[int | None, typer.Option(
-        "--min-sequence", help="Refuse a revocation list older than this sequence.")] = None,
+    secret_file: Annotated[
+        Path,
+        typer.Option(
+            "--secret-file", help="The secret the device presented (64 hex digits).", metavar="FILE"
+        ),
+    ],
+    revocations: Annotated[
+        Path | None,
+        typer.Option(
+            "--revocations", help="Signed revocation list: a revoked device fails.", metavar="FILE"
+        ),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(
+            "--pubkey",
+            help="PEM key the list must verify with (default: the token's revocation key).",
+            metavar="PEM",
+        ),
+    ] = None,
+    min_sequence: Annotated[
+        int | None,
+        typer.Option(
+            "--min-sequence", help="Refuse a revocation list older than this sequence.", metavar="N"
+        ),
+    ] = None,
     master: MasterOpt = None,
     key: RevKeyOpt = None,
 ) -> None:
@@ -239,28 +382,48 @@ def check_cmd(
     try:
         with c.station() as st:
             if lst is not None:
-                lst.verify(pub or st.key(settings.revocation_key).public_key(),
-                           min_sequence=min_sequence)
+                lst.verify(
+                    pub or st.key(settings.revocation_key).public_key(), min_sequence=min_sequence
+                )
             verify_credential(st, mac, secret, revocations=lst, settings=settings)
     finally:
         wipe(secret)
-    c.emit({"device": format_mac(mac), "valid": True},
-           f"{format_mac(mac)}: credential valid")
+    c.emit({"device": format_mac(mac), "valid": True}, f"{format_mac(mac)}: credential valid")
 
 
 @credentials_app.command("revoke")
 def revoke_cmd(
     ctx: typer.Context,
-    device: Annotated[str | None, typer.Argument(help="Device base MAC aa:bb:cc:dd:ee:ff.")] = None,
-    list_file: Annotated[Path | None, typer.Option(
-        "--list", help="Derived credentials: the signed JSON revocation list (created if "
-        "missing). Without it, the device's certificates go into the CA's CRL.")] = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why (one line).")] = "",
+    device: Annotated[
+        str | None, typer.Argument(help="Device base MAC aa:bb:cc:dd:ee:ff.", metavar="MAC")
+    ] = None,
+    list_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--list",
+            help="Derived credentials: the signed JSON revocation list (created if "
+            "missing). Without it, the device's certificates go into the CA's CRL.",
+            metavar="FILE",
+        ),
+    ] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (one line).", metavar="TEXT")] = "",
     key: RevKeyOpt = None,
-    serial: Annotated[str | None, typer.Option(
-        "--serial", help="Certificates: revoke this serial (hex) instead of a device's.")] = None,
-    ca_dir: Annotated[Path | None, typer.Option(
-        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
+    serial: Annotated[
+        str | None,
+        typer.Option(
+            "--serial",
+            help="Certificates: revoke this serial (hex) instead of a device's.",
+            metavar="HEX",
+        ),
+    ] = None,
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-dir",
+            help="CA index and CRL directory (default: the policy's [ca] dir).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
     """Revoke a device: its derived credential (--list) or its certificates (the CRL)."""
     from hsmflash.credentials import revoke
@@ -273,21 +436,29 @@ def revoke_cmd(
         _revoke_certs(c, device, serial, reason, ca_dir)
         return
     if device is None or serial is not None or ca_dir is not None:
-        raise UsageError("--list revokes a derived credential: give DEVICE, without --serial "
-                         "or --ca-dir")
+        raise UsageError(
+            "--list revokes a derived credential: give DEVICE, without --serial or --ca-dir"
+        )
     mac = parse_mac(device)
     check_output(list_file, "revocation list")
     settings = _settings(c, revocation_key=key)
     with c.station() as st:
         lst = revoke(st, list_file, mac, reason=reason, settings=settings)
-    c.emit({"device": format_mac(mac), "list": str(list_file), "sequence": lst.sequence,
-            "revoked_count": len(lst.revoked)},
-           f"revoked {format_mac(mac)}: {list_file} sequence {lst.sequence}, "
-           f"{len(lst.revoked)} device(s) revoked")
+    c.emit(
+        {
+            "device": format_mac(mac),
+            "list": str(list_file),
+            "sequence": lst.sequence,
+            "revoked_count": len(lst.revoked),
+        },
+        f"revoked {format_mac(mac)}: {list_file} sequence {lst.sequence}, "
+        f"{len(lst.revoked)} device(s) revoked",
+    )
 
 
-def _revoke_certs(c: Context, device: str | None, serial: str | None, reason: str,
-                  ca_dir: Path | None) -> None:
+def _revoke_certs(
+    c: Context, device: str | None, serial: str | None, reason: str, ca_dir: Path | None
+) -> None:
     from hsmflash import ca
     from hsmflash.errors import InputError, UsageError
     from hsmflash.formats.kdf import parse_mac
@@ -302,20 +473,31 @@ def _revoke_certs(c: Context, device: str | None, serial: str | None, reason: st
         except ValueError:
             raise InputError(f"--serial {serial!r} is not hexadecimal") from None
     if len(reason) > 200 or any(not ch.isprintable() for ch in reason):
-        raise InputError("revocation reason must be one printable line of at most 200 "
-                         "characters")
+        raise InputError("revocation reason must be one printable line of at most 200 characters")
     with c.station() as st:
         out = ca.revoke(st, device=mac, serial=number, ca_dir=ca_dir, reason=reason)
-    c.emit(out, f"revoked {', '.join(out['revoked'])}: CRL number {out['crl_number']} "
-                f"({out['revoked_count']} revoked) in {out['crl']}")
+    c.emit(
+        out,
+        f"revoked {', '.join(out['revoked'])}: CRL number {out['crl_number']} "
+        f"({out['revoked_count']} revoked) in {out['crl']}",
+    )
 
 
 @credentials_app.command("crl")
 def crl_cmd(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CRL here (PEM; .der: DER).")],
-    ca_dir: Annotated[Path | None, typer.Option(
-        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"),
+    ],
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-dir",
+            help="CA index and CRL directory (default: the policy's [ca] dir).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
     """Sign and write a fresh CRL (next CRL number, nextUpdate from the policy)."""
     from hsmflash import ca
@@ -333,11 +515,21 @@ def crl_cmd(
 @credentials_app.command("sign-csr")
 def sign_csr_cmd(
     ctx: typer.Context,
-    csr: Annotated[Path, typer.Argument(help="CSR made on the device (PEM or DER).")],
+    csr: Annotated[
+        Path, typer.Argument(help="CSR made on the device (PEM or DER).", metavar="FILE")
+    ],
     device: DeviceOpt,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Write the certificate (PEM).")],
-    ca_dir: Annotated[Path | None, typer.Option(
-        "--ca-dir", help="CA index and CRL directory (default: the policy's [ca] dir).")] = None,
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Write the certificate (PEM).", metavar="FILE")
+    ],
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-dir",
+            help="CA index and CRL directory (default: the policy's [ca] dir).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
     """Issue a certificate for a device-made CSR, checked against the policy first."""
     from hsmflash import ca
@@ -352,21 +544,36 @@ def sign_csr_cmd(
     with c.station() as st:
         issued = ca.sign_csr(st, mac, data, str(csr), ca_dir=ca_dir)
     atomic_write(out, pem(issued.der, "CERTIFICATE"))
-    c.emit({"device": issued.device, "serial": f"{issued.serial:x}",
-            "cert_sha256": issued.sha256, "out": str(out)},
-           f"{issued.device}: certificate serial {issued.serial:x}\n  {out}")
+    c.emit(
+        {
+            "device": issued.device,
+            "serial": f"{issued.serial:x}",
+            "cert_sha256": issued.sha256,
+            "out": str(out),
+        },
+        f"{issued.device}: certificate serial {issued.serial:x}\n  {out}",
+    )
 
 
 @credentials_app.command("revoked")
 def revoked_cmd(
     ctx: typer.Context,
-    list_file: Annotated[Path, typer.Option("--list", help="Revocation list file.")],
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="Verify the signature (needs --pubkey; no token).")] = False,
-    pubkey: Annotated[Path | None, typer.Option(
-        "--pubkey", help="The revocation key's PEM (`hsmflash keys public`).")] = None,
-    min_sequence: Annotated[int | None, typer.Option(
-        "--min-sequence", help="Refuse a list older than this sequence.")] = None,
+    list_file: Annotated[
+        Path, typer.Option("--list", help="Revocation list file.", metavar="FILE")
+    ],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Verify the signature (needs --pubkey; no token).")
+    ] = False,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(
+            "--pubkey", help="The revocation key's PEM (`hsmflash keys public`).", metavar="PEM"
+        ),
+    ] = None,
+    min_sequence: Annotated[
+        int | None,
+        typer.Option("--min-sequence", help="Refuse a list older than this sequence.", metavar="N"),
+    ] = None,
 ) -> None:
     """Show the revoked devices; with --verify, exit 6 unless the list is intact and signed."""
     from hsmflash.credentials import load_public_key, load_revocation_list
@@ -381,9 +588,14 @@ def revoked_cmd(
     if verify:
         assert pubkey is not None  # noqa: S101 - checked above
         lst.verify(load_public_key(pubkey), min_sequence=min_sequence)
-    data = {"list": str(list_file), "verified": verify, "sequence": lst.sequence,
-            "issued": lst.doc["issued"], "signer": lst.signer_fingerprint,
-            "revoked": lst.revoked}
+    data = {
+        "list": str(list_file),
+        "verified": verify,
+        "sequence": lst.sequence,
+        "issued": lst.doc["issued"],
+        "signer": lst.signer_fingerprint,
+        "revoked": lst.revoked,
+    }
 
     def human() -> None:
         state = "verified" if verify else "NOT verified (use --verify --pubkey PEM)"

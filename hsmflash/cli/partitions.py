@@ -21,15 +21,19 @@ _SIZES = {"2MB": 2, "4MB": 4, "8MB": 8, "16MB": 16, "32MB": 32}
 @partitions_app.command("check")
 def check_cmd(
     ctx: typer.Context,
-    table: Annotated[Path, typer.Argument(help="Partition table: binary (as written at "
-                                          "0x8000) or ESP-IDF CSV.")],
+    table: Annotated[
+        Path,
+        typer.Argument(
+            help="Partition table: binary (as written at 0x8000) or ESP-IDF CSV.", metavar="FILE"
+        ),
+    ],
 ) -> None:
     """Refuse a table that leaves code or secrets in plaintext: `romfs`, `vfs` or `nvs_keys`
     without the `encrypted` flag, or (when --policy asks for credentials) no `nvs_keys`.
 
     Exit 5 when refused, 3 when the table does not parse.
     """
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
     from hsmflash.errors import PolicyRefused
     from hsmflash.fileio import read_input
     from hsmflash.formats import partitions
@@ -40,9 +44,18 @@ def check_cmd(
 
     credentials = c.policy_path is not None and credentials_asked(c.policy)
     problems = partitions.protection_problems(parts, credentials=credentials)
-    rows = [{"label": p.label, "type": p.type, "subtype": p.subtype,
-             "offset": f"{p.offset:#x}", "size": f"{p.size:#x}",
-             "encrypted_flag": p.encrypted_flag, "encrypted": p.encrypted} for p in parts]
+    rows = [
+        {
+            "label": p.label,
+            "type": p.type,
+            "subtype": p.subtype,
+            "offset": f"{p.offset:#x}",
+            "size": f"{p.size:#x}",
+            "encrypted_flag": p.encrypted_flag,
+            "encrypted": p.encrypted,
+        }
+        for p in parts
+    ]
 
     def human() -> None:
         for p in parts:
@@ -50,29 +63,43 @@ def check_cmd(
             why = "" if p.encrypted_flag or not p.encrypted else " (app: always)"
             typer.echo(f"{p.label:16} {p.offset:#9x} {p.size:#9x}  {state}{why}")
 
-    c.emit({"table": str(table), "partitions": rows, "problems": problems,
-            "ok": not problems}, human)
+    c.emit(
+        {"table": str(table), "partitions": rows, "problems": problems, "ok": not problems}, human
+    )
     if problems:
-        raise PolicyRefused(f"{table}: {problems[0]}"
-                            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise PolicyRefused(
+            f"{table}: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
 
 
 @partitions_app.command("template")
 def template_cmd(
     ctx: typer.Context,
-    chip: Annotated[str, typer.Option("--chip", help="Chip family (esp32, esp32s3, esp32c2, "
-                                      "...).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead "
-                                                "of standard output.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="csv (ESP-IDF) or bin (as flashed at "
-                                     "0x8000).")] = "csv",
-    flash_size: Annotated[str, typer.Option("--flash-size", help="2MB, 4MB, 8MB, 16MB or "
-                                            "32MB.")] = "4MB",
+    chip: Annotated[
+        str,
+        typer.Option("--chip", help="Chip family (esp32, esp32s3, esp32c2, ...).", metavar="CHIP"),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Write here instead of standard output.", metavar="FILE"
+        ),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="csv (ESP-IDF) or bin (as flashed at 0x8000).", metavar="FORMAT"
+        ),
+    ] = "csv",
+    flash_size: Annotated[
+        str, typer.Option("--flash-size", help="2MB, 4MB, 8MB, 16MB or 32MB.", metavar="SIZE")
+    ] = "4MB",
 ) -> None:
     """A MicroPython partition table with `nvs_keys`, `romfs` (data 0x8F) and `vfs`, the last
     three encrypted."""
     from hsmflash.chips import get_chip
-    from hsmflash.cli.main import ctx_of
+    from hsmflash.cli.context import ctx_of
     from hsmflash.errors import InputError, UsageError
     from hsmflash.fileio import atomic_write, check_output
     from hsmflash.formats import partitions

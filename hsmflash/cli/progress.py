@@ -28,8 +28,9 @@ class DeviceTable:
             from rich.live import Live
 
             console = Console(file=self._stream)
-            self._live = Live(self._render(), console=console, refresh_per_second=8,
-                              transient=False)
+            self._live = Live(
+                self._render(), console=console, refresh_per_second=8, transient=False
+            )
 
     def _render(self) -> Table:
         from rich.table import Table
@@ -39,9 +40,15 @@ class DeviceTable:
         table.add_column("status")
         for name in self.names:
             text = self.status[name]
-            style = "red" if text.startswith("FAILED") else (
-                "green" if text in ("provisioned", "already-provisioned", "flashed",
-                                    "up-to-date") else "")
+            style = (
+                "red"
+                if text.startswith("FAILED")
+                else (
+                    "green"
+                    if text in ("provisioned", "already-provisioned", "flashed", "up-to-date")
+                    else ""
+                )
+            )
             table.add_row(name, text, style=style)
         return table
 
@@ -50,8 +57,12 @@ class DeviceTable:
             self._live.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._live is not None:
             with self._lock:
                 self._live.update(self._render())

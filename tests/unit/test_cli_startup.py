@@ -110,3 +110,17 @@ def test_shell_completion_completes_commands_and_options() -> None:
     r = subprocess.run([exe], env={**env, "COMP_WORDS": "hsmflash sign --ap", "COMP_CWORD": "2"},
                        capture_output=True, text=True, check=False)
     assert r.stdout.split() == ["--append"]
+
+
+def test_help_names_parameters_the_way_a_person_reads_them(cli) -> None:  # type: ignore[no-untyped-def]
+    for argv, expected in ((("sign", "--help"), ("FILE", "--output FILE", "--key KEY")),
+                           (("provision", "--help"), ("--image ADDR=FILE", "--port PORT",
+                                                      "--virtual-efuses FILE")),
+                           (("flash", "--help"), ("--device MAC", "--allow-rewrite REGION")),
+                           (("derive", "--help"), ("--device MAC", "--devices CSV")),
+                           (("encrypt", "--help"), ("--address ADDR", "--master KEY"))):
+        r = cli(*argv)
+        assert r.code == 0, r.output
+        for text in expected:
+            assert text in r.out, (argv, text)
+        assert "<str>" not in r.out and "<path>" not in r.out, argv
