@@ -177,7 +177,9 @@ def _build_record(seq: int, prev: str, ts: str, station: str, actor: str, op: st
 
 def _printable(value: Any) -> Any:
     """File names that are not UTF-8 arrive as str with lone surrogates (os.fsdecode); the
-    log keeps their bytes visible as \\xNN instead of failing to encode."""
+    log keeps their bytes visible as \\xNN instead of failing to encode. Paths are file names."""
+    if isinstance(value, os.PathLike):
+        value = os.fsdecode(value)
     if isinstance(value, str):
         try:
             value.encode("utf-8")

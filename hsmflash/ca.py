@@ -9,12 +9,10 @@ signs the next CRL number.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11 import Attribute, CertificateType, ObjectClass
 
 from hsmflash.errors import InputError, PolicyRefused, TokenError, VerificationFailed
-from hsmflash.fileio import atomic_write
+from hsmflash.fileio import atomic_write, locked_directory
 from hsmflash.formats import kdf
 from hsmflash.formats import x509 as fx
 from hsmflash.formats.primitives import PublicKey, fingerprint, public_key_der
@@ -232,18 +230,8 @@ def check_ca_dir(directory: Path) -> None:
         raise InputError(f"CA directory {str(directory)!r}: not writable")
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as e:
-        raise InputError(f"CA directory {str(directory)!r}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    return locked_directory(directory, "CA directory", create=True)
 
 
 def read_index(directory: Path) -> list[dict[str, Any]]:

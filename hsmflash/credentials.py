@@ -22,8 +22,8 @@ consumer can refuse an older list.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import fcntl
 import hashlib
 import hmac
 import io
@@ -32,8 +32,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +44,7 @@ from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
 from hsmflash.chips import get_chip
 from hsmflash.encrypt import crypt_image
 from hsmflash.errors import InputError, TokenError, VerificationFailed
-from hsmflash.fileio import atomic_write, read_input
+from hsmflash.fileio import atomic_write, locked_directory, read_input
 from hsmflash.formats import kdf, primitives
 from hsmflash.formats.flashcrypt import SoftwareAes
 from hsmflash.formats.primitives import PublicKey, fingerprint
@@ -788,17 +787,8 @@ def revoke(st: Station, list_path: str | Path, device: bytes, *, reason: str = "
         return _revoke_locked(st, Path(list_path), device, mac, reason, key)
 
 
-@contextmanager
-def _locked_dir(directory: Path) -> Iterator[None]:
-    try:
-        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
-    except OSError as e:
-        raise InputError(f"revocation list directory {str(directory)!r}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked_dir(directory: Path) -> contextlib.AbstractContextManager[None]:
+    return locked_directory(directory, "revocation list directory")
 
 
 def _revoke_locked(st: Station, list_path: Path, device: bytes, mac: str, reason: str,

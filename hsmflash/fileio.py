@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from hsmflash.errors import InputError
@@ -220,3 +223,24 @@ def parse_int(text: str, what: str) -> int:
     if value < 0:
         raise InputError(f"{what} {text!r} is negative")
     return value
+
+
+@contextlib.contextmanager
+def locked_directory(directory: Path, what: str, *, create: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on a directory (flock on its descriptor) for read-modify-write
+    of the files in it, across processes.
+
+    Raises:
+        InputError: the directory cannot be opened (or made, with `create`); names `what`.
+    """
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"{what} {str(directory)!r}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

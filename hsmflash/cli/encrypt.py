@@ -353,7 +353,7 @@ def _derive_batch(
             "derive.batch",
             mkey,
             subject={"devices": len(macs), "list_sha256": list_sha},
-            detail={"purpose": purpose, "source": devices},
+            detail={"purpose": purpose, "source": str(devices)},
             check=check,
         ) as out:
             if workers > 1:

@@ -56,7 +56,8 @@ _EC_ALGORITHMS = {  # id-ecPublicKey, named curve
 }
 
 
-def _der(tag: int, body: bytes) -> bytes:
+def der_tlv(tag: int, body: bytes) -> bytes:
+    """One DER TLV (definite length), as public-key and X.509 encodings need."""
     n = len(body)
     if n < 0x80:
         return bytes((tag, n)) + body
@@ -65,7 +66,7 @@ def _der(tag: int, body: bytes) -> bytes:
 
 
 def _der_uint(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return der_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 def public_key_der(public_key: PublicKey) -> bytes:
@@ -77,15 +78,15 @@ def public_key_der(public_key: PublicKey) -> bytes:
     """
     if isinstance(public_key, rsa.RSAPublicKey):
         numbers = public_key.public_numbers()
-        body = _der(0x30, _der_uint(numbers.n) + _der_uint(numbers.e))
-        return _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\x00" + body))
+        body = der_tlv(0x30, _der_uint(numbers.n) + _der_uint(numbers.e))
+        return der_tlv(0x30, _RSA_ALGORITHM + der_tlv(0x03, b"\x00" + body))
     algorithm = _EC_ALGORITHMS.get(public_key.curve.name)
     if algorithm is None:
         raise ValueError(f"unsupported curve {public_key.curve.name}")
     width = (public_key.curve.key_size + 7) // 8
     point = public_key.public_numbers()
     encoded = b"\x04" + point.x.to_bytes(width, "big") + point.y.to_bytes(width, "big")
-    return _der(0x30, algorithm + _der(0x03, b"\x00" + encoded))
+    return der_tlv(0x30, algorithm + der_tlv(0x03, b"\x00" + encoded))
 
 
 def fingerprint(public_key: PublicKey) -> str:

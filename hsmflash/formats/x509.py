@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmflash.errors import InputError
 from hsmflash.formats.primitives import PublicKey
+from hsmflash.formats.primitives import der_tlv as _der
 
 CaKeyType = Literal["ec-p256", "rsa-3072"]
 CA_KEY_TYPES: tuple[str, ...] = ("ec-p256", "rsa-3072")
@@ -95,14 +96,6 @@ def render_name(template: str, values: dict[str, str], source: str = "subject") 
 
 
 # -- DER --------------------------------------------------------------------------------------
-
-def _der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + body
-
 
 def _tlv_end(der: bytes, pos: int) -> tuple[int, int]:
     """(start of content, end of element) for the TLV at `pos`."""

@@ -179,7 +179,7 @@ def _row(error: str) -> dict[str, object]:
 def test_csv_manifest_neutralises_formulas_and_refuses_links(tmp_path):
     import csv
 
-    from hsmflash.cli.main import _write_manifest
+    from hsmflash.cli.devices import _write_manifest
     from hsmflash.errors import InputError
 
     out = tmp_path / "m.csv"
