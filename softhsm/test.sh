@@ -4,6 +4,9 @@
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$top/softhsm/install.sh"
+# the token matrix brings up NSS, openCryptoki, tpm2-pkcs11 and p11-kit remoting from these
+# Debian packages (its fixtures start and stop the daemons)
+bash "$top/tokens/install.sh"
 cd "$top"
 echo "== ruff"
 .venv/bin/ruff check .
