@@ -41,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen
 
-from hsmflash.chips import get_chip
+from hsmflash.chips import Chip, get_chip
 from hsmflash.encrypt import crypt_image
 from hsmflash.errors import InputError, TokenError, VerificationFailed
 from hsmflash.fileio import atomic_write, locked_directory, read_input
@@ -49,7 +49,7 @@ from hsmflash.formats import kdf, primitives
 from hsmflash.formats.flashcrypt import SoftwareAes
 from hsmflash.formats.primitives import PublicKey, fingerprint
 from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
-from hsmflash.policy import Policy
+from hsmflash.policy import ChipProfile, Policy
 from hsmflash.token.keys import TokenKey
 
 CREDENTIAL_PURPOSE = "CREDENTIAL"
@@ -349,7 +349,7 @@ def hmac_nvs_keys(st: Station, fe_master: TokenKey, device: bytes, chip: str) ->
     return keys, kcv
 
 
-def _nvs_keys(st: Station, profile: Any, use: KeyUse, fe_master: TokenKey,
+def _nvs_keys(st: Station, profile: ChipProfile, use: KeyUse, fe_master: TokenKey,
               device: bytes, derived: list[DerivedKey]) -> tuple[bytearray, str]:
     """The device's NVS keys by the profile's scheme, and a label for their check value;
     `use` is the credential master's open use."""
@@ -365,7 +365,7 @@ def _hex_or_none(value: int | None) -> str | None:
     return None if value is None else f"{value:#x}"
 
 
-def _protect_nvs_keys(st: Station, profile: Any, keys_plain: bytearray, chip: Any,
+def _protect_nvs_keys(st: Station, profile: ChipProfile, keys_plain: bytearray, chip: Chip,
                       nvs_keys_address: int | None, fe_master: TokenKey, device: bytes,
                       info: dict[str, Any]) -> bytes:
     """The encrypted nvs_keys partition (nvs-keys scheme), or b"" (hmac: the chip derives)."""
@@ -383,6 +383,28 @@ def _protect_nvs_keys(st: Station, profile: Any, keys_plain: bytearray, chip: An
                  "nvs_keys_sha256": enc.output_sha256, "flash_encryption": enc.scheme,
                  "flash_key_kcv": enc.kcv, "path": enc.path})
     return enc.output
+
+
+def _issue_inputs(st: Station, chip: str, device: bytes, nvs_size: int,
+                  nvs_keys_address: int | None, nvs_address: int | None
+                  ) -> tuple[Chip, ChipProfile, str]:
+    """(chip, its profile, the MAC as text): where a device's credential goes, checked before
+    any key is used.
+
+    Raises:
+        InputError: bad MAC, size or address; an unknown chip.
+        PolicyRefused: no profile for `chip`, or device secrets may not leave the token.
+    """
+    kdf.check_device_id(device)
+    the_chip = get_chip(chip)
+    check_nvs_size(nvs_size)
+    if nvs_keys_address is not None and nvs_keys_address % NVS_PAGE:
+        raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
+    if nvs_address is not None and nvs_address % NVS_PAGE:
+        raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
+    profile = st.policy.profile(chip)
+    st.policy.check_export("device_secrets")  # refused before anything is built
+    return the_chip, profile, kdf.format_mac(device)
 
 
 def build_device_partitions(
@@ -413,16 +435,8 @@ def build_device_partitions(
                                      settings=settings)
     settings = settings or CredentialSettings.from_policy(st.policy)
     template = template or default_template(settings)
-    kdf.check_device_id(device)
-    the_chip = get_chip(chip)
-    check_nvs_size(nvs_size)
-    if nvs_keys_address is not None and nvs_keys_address % NVS_PAGE:
-        raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
-    if nvs_address is not None and nvs_address % NVS_PAGE:
-        raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
-    profile = st.policy.profile(chip)
-    st.policy.check_export("device_secrets")  # refused before anything is built
-    mac = kdf.format_mac(device)
+    the_chip, profile, mac = _issue_inputs(st, chip, device, nvs_size, nvs_keys_address,
+                                           nvs_address)
     username = username_for(settings, device)
     values = {"device_id": device_id(device), "mac": mac, "username": username,
               "server_url": settings.server_url}
@@ -515,16 +529,8 @@ def build_x509_partitions(
     from hsmflash import ca
 
     settings = settings or CredentialSettings.from_policy(st.policy)
-    kdf.check_device_id(device)
-    the_chip = get_chip(chip)
-    check_nvs_size(nvs_size)
-    if nvs_keys_address is not None and nvs_keys_address % NVS_PAGE:
-        raise InputError(f"nvs_keys address {nvs_keys_address:#x} is not 4 KiB aligned")
-    if nvs_address is not None and nvs_address % NVS_PAGE:
-        raise InputError(f"NVS address {nvs_address:#x} is not 4 KiB aligned")
-    profile = st.policy.profile(chip)
-    st.policy.check_export("device_secrets")  # refused before anything is built
-    mac = kdf.format_mac(device)
+    the_chip, profile, mac = _issue_inputs(st, chip, device, nvs_size, nvs_keys_address,
+                                           nvs_address)
     rules = ca.settings_of(st)
     ca.subject_for(rules, device)  # a bad template fails here, before any key use
     build_nvs(x509_rows(settings, device, bytes(_DUMMY_BLOB), bytearray(_DUMMY_BLOB)),

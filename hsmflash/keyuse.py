@@ -138,24 +138,36 @@ def split_for_purpose(purpose: str) -> list[int]:
     return [n]
 
 
-class TokenHeadStore:
-    """The audit log head (seq, hash) in CKO_DATA objects, one per log (named by its genesis).
+def _store_no_usage_key(session: Any, label: str, ident: bytes) -> None:
+    """A token object that holds `ident` in its CKA_ID: a small AES key with no usage at all,
+    for tokens that refuse data objects (NSS)."""
+    from hsmflash.token.profile import session_secret_template
 
-    Tokens may refuse to modify CKA_VALUE, so each head is a new object and older ones are
-    destroyed afterwards; a crash in between leaves two, and the higher seq wins.
-    """
+    template = {**session_secret_template(), Attribute.TOKEN: True, Attribute.PRIVATE: True}
+    for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN, Attribute.VERIFY,
+                 Attribute.WRAP, Attribute.UNWRAP, Attribute.DERIVE):
+        template[flag] = False
+    session.generate_key(KeyType.AES, 128, label=label, id=ident, store=True,
+                         capabilities=MechanismFlag(0), template=template)
+
+
+class _HeadObjects:
+    """The audit log head (seq, hash) kept in token objects labelled per log (named by its
+    genesis). Tokens may refuse to modify attributes, so each head is a new object and older
+    ones are destroyed afterwards; a crash in between leaves two, and the higher seq wins."""
+
+    object_class: ObjectClass
 
     def __init__(self, session: Any, log_id: str) -> None:
         self._session = session
         self._label = f"{AUDIT_HEAD_LABEL}:{log_id}"
 
+    def _decode(self, obj: Any) -> tuple[int, str]:
+        raise NotImplementedError
+
     def _objects(self) -> list[tuple[int, str, Any]]:
-        found = []
-        for obj in self._session.get_objects({
-            Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
-        }):
-            head = json.loads(bytes(obj[Attribute.VALUE]).decode())
-            found.append((int(head["seq"]), str(head["hash"]), obj))
+        found = [(*self._decode(obj), obj) for obj in self._session.get_objects({
+            Attribute.CLASS: self.object_class, Attribute.LABEL: self._label})]
         return sorted(found, key=lambda t: t[0])
 
     def read(self) -> tuple[int, str] | None:
@@ -164,6 +176,16 @@ class TokenHeadStore:
         except (p11x.PKCS11Error, ValueError, KeyError) as e:
             raise TokenError(f"reading the audit head from the token: {type(e).__name__}") from e
         return (objs[-1][0], objs[-1][1]) if objs else None
+
+
+class TokenHeadStore(_HeadObjects):
+    """The audit head in CKO_DATA objects (where the token allows them)."""
+
+    object_class = ObjectClass.DATA
+
+    def _decode(self, obj: Any) -> tuple[int, str]:
+        head = json.loads(bytes(obj[Attribute.VALUE]).decode())
+        return int(head["seq"]), str(head["hash"])
 
     def write(self, seq: int, hash: str) -> None:
         value = json.dumps({"seq": seq, "hash": hash}).encode()
@@ -211,17 +233,7 @@ class TokenLogBinding:
     def write(self, log_id: str) -> None:
         try:
             if self._form == "key-id":
-                from hsmflash.token.profile import session_secret_template
-
-                template = {**session_secret_template(), Attribute.TOKEN: True,
-                            Attribute.PRIVATE: True}
-                for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN,
-                             Attribute.VERIFY, Attribute.WRAP, Attribute.UNWRAP,
-                             Attribute.DERIVE):
-                    template[flag] = False
-                self._session.generate_key(
-                    KeyType.AES, 128, label=self._label, id=bytes.fromhex(log_id), store=True,
-                    capabilities=MechanismFlag(0), template=template)
+                _store_no_usage_key(self._session, self._label, bytes.fromhex(log_id))
                 return
             self._session.create_object({
                 Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: self._label,
@@ -235,7 +247,7 @@ class TokenLogBinding:
 AUDIT_PATH_LABEL = "hsmflash-audit-path"
 
 
-class KeyIdHeadStore:
+class KeyIdHeadStore(_HeadObjects):
     """The audit head on tokens that refuse data objects (NSS): in the CKA_ID of a small AES
     secret key object with no usage at all, labelled per log. CKA_ID = uint64_be(seq) ||
     SHA-256 bytes. Like `TokenHeadStore`, each head is a new object and the older ones are
@@ -243,42 +255,20 @@ class KeyIdHeadStore:
     record at that seq with that hash, which is what the checkpoint and `audit verify` check.
     """
 
-    def __init__(self, session: Any, log_id: str) -> None:
-        self._session = session
-        self._label = f"{AUDIT_HEAD_LABEL}:{log_id}"
+    object_class = ObjectClass.SECRET_KEY
 
-    def _objects(self) -> list[tuple[int, str, Any]]:
-        found = []
-        for obj in self._session.get_objects({
-            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self._label,
-        }):
-            ident = bytes(obj[Attribute.ID])
-            if len(ident) != 40:
-                raise ValueError("audit head key object has a malformed CKA_ID")
-            found.append((int.from_bytes(ident[:8], "big"), ident[8:].hex(), obj))
-        return sorted(found, key=lambda t: t[0])
-
-    def read(self) -> tuple[int, str] | None:
-        try:
-            objs = self._objects()
-        except (p11x.PKCS11Error, ValueError) as e:
-            raise TokenError(f"reading the audit head from the token: {type(e).__name__}") from e
-        return (objs[-1][0], objs[-1][1]) if objs else None
+    def _decode(self, obj: Any) -> tuple[int, str]:
+        ident = bytes(obj[Attribute.ID])
+        if len(ident) != 40:
+            raise ValueError("audit head key object has a malformed CKA_ID")
+        return int.from_bytes(ident[:8], "big"), ident[8:].hex()
 
     def write(self, seq: int, hash: str) -> None:
-        from hsmflash.token.profile import session_secret_template
 
         try:
             old = self._objects()
-            template = {**session_secret_template(), Attribute.TOKEN: True,
-                        Attribute.PRIVATE: True}
-            for flag in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN, Attribute.VERIFY,
-                         Attribute.WRAP, Attribute.UNWRAP, Attribute.DERIVE):
-                template[flag] = False
-            self._session.generate_key(
-                KeyType.AES, 128, label=self._label,
-                id=seq.to_bytes(8, "big") + bytes.fromhex(hash), store=True,
-                capabilities=MechanismFlag(0), template=template)
+            _store_no_usage_key(self._session, self._label,
+                                seq.to_bytes(8, "big") + bytes.fromhex(hash))
             for _, _, obj in old:
                 obj.destroy()
         except (p11x.PKCS11Error, ValueError) as e:
