@@ -44,6 +44,16 @@ RevKeyOpt = Annotated[
 ]
 
 
+CaDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-dir",
+        help="CA index and CRL directory (default: the policy's [ca] dir).",
+        metavar="DIR",
+    ),
+]
+
+
 def _context(ctx: typer.Context) -> Context:
     from hsmflash.cli.context import ctx_of
 
@@ -416,14 +426,7 @@ def revoke_cmd(
             metavar="HEX",
         ),
     ] = None,
-    ca_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--ca-dir",
-            help="CA index and CRL directory (default: the policy's [ca] dir).",
-            metavar="DIR",
-        ),
-    ] = None,
+    ca_dir: CaDirOpt = None,
 ) -> None:
     """Revoke a device: its derived credential (--list) or its certificates (the CRL)."""
     from hsmflash.credentials import revoke
@@ -490,14 +493,7 @@ def crl_cmd(
         Path,
         typer.Option("-o", "--out", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"),
     ],
-    ca_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--ca-dir",
-            help="CA index and CRL directory (default: the policy's [ca] dir).",
-            metavar="DIR",
-        ),
-    ] = None,
+    ca_dir: CaDirOpt = None,
 ) -> None:
     """Sign and write a fresh CRL (next CRL number, nextUpdate from the policy)."""
     from hsmflash import ca
@@ -522,14 +518,7 @@ def sign_csr_cmd(
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Write the certificate (PEM).", metavar="FILE")
     ],
-    ca_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--ca-dir",
-            help="CA index and CRL directory (default: the policy's [ca] dir).",
-            metavar="DIR",
-        ),
-    ] = None,
+    ca_dir: CaDirOpt = None,
 ) -> None:
     """Issue a certificate for a device-made CSR, checked against the policy first."""
     from hsmflash import ca
