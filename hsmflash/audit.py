@@ -1,6 +1,6 @@
 """The tamper-evident audit log: JSON Lines, hash-chained, checkpointed by the token's audit key.
 
-One record per line (DESIGN.md, "Audit log"):
+One record per line (docs/formats.md, "The audit log"):
 
     {"v":1,"seq":n,"ts":"2025-01-31T12:00:00.123456Z","station":..,"actor":..,"op":..,
      "phase":"intent|ok|error","key":"pkcs11:...","kcv"|"key_fp":..,"subject":{..},

@@ -1,6 +1,6 @@
 """One root error, narrow subclasses by who is at fault.
 
-Every error carries the exit code of DESIGN.md. Messages are one line and name the input at
+Every error carries its exit code (README: exit codes). Messages are one line and name the input at
 fault; they never contain key material. The CLI is the only place that turns them into exits.
 """
 

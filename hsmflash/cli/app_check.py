@@ -115,8 +115,11 @@ def check_cmd(
                 )
                 if inputs.table is not None:
                     inputs.table_name = f"{virtual_flash}@0x8000 ({how[0]})"
-    if c.policy_path is not None and chip_obj is not None and chip_obj.name in c.policy.chips:
-        production = production or c.policy.profile(chip_obj.name).release_mode
+    if c.policy_path is not None:
+        if chip_obj is not None and chip_obj.name in c.policy.chips:
+            production = production or c.policy.profile(chip_obj.name).release_mode
+        elif chip_obj is None:  # no chip named: any release-mode profile makes it production
+            production = production or any(p.release_mode for p in c.policy.chips.values())
     report = lockdown.check(inputs)
 
     def human() -> None:

@@ -180,7 +180,7 @@ def _app_for(argv: list[str]) -> typer.Typer:
 
 
 def main() -> NoReturn:
-    """Console entry point: run the app, map hsmflash errors to DESIGN.md exit codes."""
+    """Console entry point: run the app, map hsmflash errors to their exit codes."""
     debug = "--debug" in sys.argv
     try:
         argv = hoist_global_options(sys.argv[1:])

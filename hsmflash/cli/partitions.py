@@ -87,11 +87,14 @@ def template_cmd(
         ),
     ] = None,
     fmt: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--format", help="csv (ESP-IDF) or bin (as flashed at 0x8000).", metavar="FORMAT"
+            "--format",
+            help="csv (ESP-IDF) or bin (as flashed at 0x8000); default: bin for an -o FILE "
+            "ending in .bin, else csv.",
+            metavar="FORMAT",
         ),
-    ] = "csv",
+    ] = None,
     flash_size: Annotated[
         str, typer.Option("--flash-size", help="2MB, 4MB, 8MB, 16MB or 32MB.", metavar="SIZE")
     ] = "4MB",
@@ -106,6 +109,8 @@ def template_cmd(
 
     c = ctx_of(ctx)
     get_chip(chip)
+    if fmt is None:
+        fmt = "bin" if output is not None and output.suffix == ".bin" else "csv"
     if fmt not in ("csv", "bin"):
         raise UsageError(f"--format {fmt!r}: use csv or bin")
     size = _SIZES.get(flash_size.upper().replace("IB", "B").replace("MB", "MB"))

@@ -19,12 +19,21 @@ policy_app = typer.Typer(
 @policy_app.command("check")
 def policy_check(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="Policy TOML file.", metavar="FILE")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Policy TOML file (default: --policy / HSMFLASH_POLICY).", metavar="FILE"
+        ),
+    ] = None,
 ) -> None:
     """Validate a policy file; errors name the field at fault (exit 3)."""
     from hsmflash.provision.proof import check_policy_efuses
 
     c = ctx_of(ctx)
+    if file is None:
+        if c.policy_path is None:
+            raise UsageError("give the policy file: policy check FILE (or --policy FILE)")
+        file = c.policy_path
     pol = load_policy(file)
     check_policy_efuses(pol)
     data = {

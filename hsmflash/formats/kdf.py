@@ -1,4 +1,4 @@
-"""Per-device key derivation, scheme `aes-ecb-v1` (a public, stable format; DESIGN.md).
+"""Per-device key derivation, scheme `aes-ecb-v1` (a public, stable format; docs/formats.md).
 
     H   = SHA-256(b"hsmflash/kdf/aes-ecb-v1\\x00" || P || b"\\x00" || D || uint16_be(L))
     X_i = H[0:15] || uint8(i)                       for i = 1 .. L/16

@@ -263,7 +263,7 @@ def sign_sbv2(
         if not append:
             raise InputError(
                 f"{name}: already signed ({len(info.sbv2_blocks)} signature block(s)); "
-                "use append to add a signature"
+                "use --append to add a signature"
             )
         content = image[:-SECTOR_SIZE]
         key_digest = sbv2_public_key_digest(public_key)

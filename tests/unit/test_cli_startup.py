@@ -124,3 +124,40 @@ def test_help_names_parameters_the_way_a_person_reads_them(cli) -> None:  # type
         for text in expected:
             assert text in r.out, (argv, text)
         assert "<str>" not in r.out and "<path>" not in r.out, argv
+
+
+def test_policy_check_defaults_to_the_global_policy(cli) -> None:  # type: ignore[no-untyped-def]
+    from conftest import ROOT
+
+    r = cli("policy", "check", "--policy", ROOT / "policies" / "dev.toml")
+    assert r.code == 0 and "is valid" in r.out, r.output
+    r = cli("policy", "check")
+    assert r.code == 2 and "policy check FILE" in r.err
+
+
+def test_template_written_to_a_bin_file_is_the_binary_table(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from hsmflash.formats import partitions
+
+    out = tmp_path / "pt.bin"
+    r = cli("partitions", "template", "--chip", "esp32s3", "-o", out)
+    assert r.code == 0, r.output
+    labels = [p.label for p in partitions.parse(out.read_bytes())]
+    assert {"nvs_keys", "romfs", "vfs"} <= set(labels)
+
+
+def test_app_check_under_a_production_policy_without_a_chip_fails_on_an_open_channel(
+        cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CI gate written as the README shows it must fail when the filesystem is open."""
+    import dataclasses
+
+    from conftest import ROOT
+    from hsmflash.formats import partitions
+
+    open_table = [dataclasses.replace(p, encrypted_flag=False)
+                  for p in partitions.micropython_template()]
+    table = tmp_path / "open.bin"
+    table.write_bytes(partitions.build(open_table))
+    r = cli("app", "check", "--table", table,
+            "--policy", ROOT / "policies" / "esp32s3-production.toml")
+    assert r.code == 5, r.output
+    assert "open under a production policy" in r.err
