@@ -179,7 +179,8 @@ def open_virtual(
     flash_file = Path(flash_file)
     if not refuse_special_output(efuse_file, "virtual eFuse file"):
         raise InputError(
-            f"virtual eFuse file {efuse_file} does not exist (create it with a MAC first)"
+            f"virtual eFuse file {efuse_file} does not exist (create it first: `hsmflash virtual "
+            "create --chip CHIP --mac MAC --efuse-file FILE`)"
         )
     expected = _blank_efuse_size(chip_obj.name)
     actual = efuse_file.stat().st_size

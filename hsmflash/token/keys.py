@@ -123,7 +123,7 @@ class TokenKey:
             TokenError: the public object is missing.
         """
         if self.type not in _CURVES and self.type != "rsa-3072":
-            raise InputError(f"key {self.name!r} is a {self.type} secret key; it has no public key")
+            raise InputError(f"key {self.name!r} is a secret key ({self.type}): no public key")
         if self.public is None:
             raise TokenError(f"key {self.name!r}: public key object missing from the token")
         return self._public_key
