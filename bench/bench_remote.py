@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from benchlib import script_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,21 +58,12 @@ print(json.dumps({"sign": statistics.median(sign_t), "xts": statistics.median(xt
 """
 
 
-def _env_from(stdout: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="hsmflash-bench-remote-"))
-    script = ROOT / "tokens" / "p11kit-remote.sh"
-    try:
-        started = subprocess.run(["bash", str(script), "start", str(work)], check=True,
-                                 capture_output=True, text=True)
-        remote = _env_from(started.stdout)
+    with script_token(ROOT / "tokens" / "p11kit-remote.sh", "hsmflash-bench-remote-") as remote:
         direct = {**remote, "HSMFLASH_MODULE": "/usr/lib/softhsm/libsofthsm2.so"}
         results = {}
         for mode, extra in (("direct", direct), ("remote", remote)):
@@ -80,17 +71,13 @@ def main() -> int:
             r = subprocess.run([sys.executable, "-c", _WORKER, str(args.mib), str(args.runs)],
                                env=env, check=True, capture_output=True, text=True)
             results[mode] = json.loads(r.stdout.splitlines()[-1])
-        assert results["direct"]["xts_sha256"] == results["remote"]["xts_sha256"]
-        print(f"p11-kit remoting vs direct SoftHSM2 (medians of {args.runs} runs)")
-        for what, label in (("sign", "sign RSA-3072-PSS (one digest)"),
-                            ("xts", f"XTS-AES-128 encrypt {args.mib} MiB")):
-            d, r = results["direct"][what], results["remote"][what]
-            print(f"  {label:34} direct {d * 1000:9.2f} ms  remote {r * 1000:9.2f} ms  "
-                  f"ratio {r / d:5.2f}x")
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(work)], check=False,
-                       capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+    assert results["direct"]["xts_sha256"] == results["remote"]["xts_sha256"]
+    print(f"p11-kit remoting vs direct SoftHSM2 (medians of {args.runs} runs)")
+    for what, label in (("sign", "sign RSA-3072-PSS (one digest)"),
+                        ("xts", f"XTS-AES-128 encrypt {args.mib} MiB")):
+        d, r = results["direct"][what], results["remote"][what]
+        print(f"  {label:34} direct {d * 1000:9.2f} ms  remote {r * 1000:9.2f} ms  "
+              f"ratio {r / d:5.2f}x")
     return 0
 
 

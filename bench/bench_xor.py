@@ -17,11 +17,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from benchlib import script_token
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes(range(1, 33))
@@ -56,13 +56,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,4", help="image sizes in MiB, comma-separated")
     ap.add_argument("--conf", default="0xF", help="FLASH_CRYPT_CONFIG")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="hsmflash-bench-xor-"))
-    script = ROOT / "tokens" / "nss.sh"
-    try:
-        started = subprocess.run(["bash", str(script), "start", str(work)], check=True,
-                                 capture_output=True, text=True)
-        env = {**os.environ, **dict(line.split("=", 1) for line in started.stdout.splitlines()
-                                    if "=" in line)}
+    with script_token(ROOT / "tokens" / "nss.sh", "hsmflash-bench-xor-") as token_env:
+        env = {**os.environ, **token_env}
         print(f"ESP32-classic XOR path on NSS softokn, FLASH_CRYPT_CONFIG {args.conf}")
         peaks = {}
         for mib in (int(x) for x in args.sizes.split(",")):
@@ -81,10 +76,6 @@ def main() -> int:
             lo, hi = min(peaks), max(peaks)
             print(f"  peak RSS {hi} MiB - {lo} MiB = {(peaks[hi] - peaks[lo]) / 1024:.1f} MiB "
                   f"(an in-memory image copy or two: {2 * (hi - lo)} MiB)")
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(work)], check=False,
-                       capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

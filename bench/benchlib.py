@@ -45,3 +45,18 @@ def throwaway_token(label: str) -> Iterator[tuple[Path, str]]:
         else:
             os.environ["SOFTHSM2_CONF"] = old_conf
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def script_token(script: Path, prefix: str) -> Iterator[dict[str, str]]:
+    """A token brought up by one of `tokens/*.sh` in a temp dir; yields the HSMFLASH_* (and
+    module) environment the script prints; stops it and removes everything afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        started = subprocess.run(["bash", str(script), "start", str(work)], check=True,
+                                 capture_output=True, text=True)
+        yield dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(work)], check=False,
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -8,8 +8,9 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from hsmflash.errors import InputError
 
@@ -160,16 +161,30 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
         InputError: the directory does not exist or is not writable, or `path` is not a
             regular file.
     """
+    atomic_write_with(path, lambda f: f.write(data), mode=mode)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], object], *,
+                      mode: int = 0o644, what: str = "output",
+                      sync_directory: bool = True) -> None:
+    """`atomic_write` for content made while writing: `write(f)` fills the new temp file.
+
+    `sync_directory=False` leaves the rename's durability to a later directory fsync (for a
+    file rewritten many times in a row, as espefuse's emulator does per register).
+
+    Raises:
+        InputError: as `atomic_write`, naming `what`.
+    """
     target = Path(path)
     directory = target.parent  # Path("x").parent is Path(".")
-    refuse_special_output(target)
+    refuse_special_output(target, what)
     fd, tmp = temp_beside(target, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        refuse_special_output(target)  # planted while we wrote
+        refuse_special_output(target, what)  # planted while we wrote
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -177,6 +192,8 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
+    if not sync_directory:
+        return
     try:
         dfd = os.open(directory, os.O_RDONLY)
     except OSError:

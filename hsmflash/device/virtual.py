@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hsmflash.chips import Chip, get_chip
 from hsmflash.device.base import (
@@ -20,7 +20,7 @@ from hsmflash.device.base import (
     read_base_mac,
 )
 from hsmflash.errors import DeviceError, InputError
-from hsmflash.fileio import open_regular, refuse_special_output, temp_beside
+from hsmflash.fileio import atomic_write_with, open_regular, refuse_special_output, temp_beside
 from hsmflash.formats.kdf import format_mac
 
 
@@ -142,20 +142,14 @@ def _ensure_flash_file(flash_file: Path, size: int) -> None:
     (never a planted link) and removed on failure."""
     if refuse_special_output(flash_file, "virtual flash file"):
         return
-    fd, tmp = temp_beside(flash_file, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            chunk = _ERASED * 65536
-            for _ in range(size // len(chunk)):
-                f.write(chunk)
-            f.write(_ERASED * (size % len(chunk)))
-            f.flush()
-            os.fsync(f.fileno())
-        refuse_special_output(flash_file, "virtual flash file")
-        os.replace(tmp, flash_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def erased(f: BinaryIO) -> None:
+        chunk = _ERASED * 65536
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.write(_ERASED * (size % len(chunk)))
+
+    atomic_write_with(flash_file, erased, mode=0o600, what="virtual flash file")
 
 
 def open_virtual(
@@ -210,16 +204,9 @@ def _save_atomically(emulator: Any, efuse_file: Path) -> None:
     file and a rename instead (made durable by `efuses_burned`)."""
 
     def save_to_file() -> None:
-        # a new temp file (never a planted link), 0600: dev-mode eFuses hold readable keys
-        fd, tmp = temp_beside(efuse_file, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                emulator.mem.tofile(f)
-            refuse_special_output(efuse_file, "virtual eFuse file")
-            os.replace(tmp, efuse_file)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # 0600: dev-mode eFuses hold readable keys
+        atomic_write_with(efuse_file, emulator.mem.tofile, mode=0o600,
+                          what="virtual eFuse file", sync_directory=False)
 
     emulator.save_to_file = save_to_file
 

@@ -61,21 +61,22 @@ class Proven:
 
 class Verifier:
     """Who may have signed code: the policy's keys for the chip, optionally only those whose
-    digests a device holds (re-flash)."""
+    digests a device holds (re-flash). A chip that keeps only part of a digest in eFuse
+    (ESP32-C2: its first 128 bits) holds `held_bytes` of each."""
 
-    def __init__(self, scheme: str, keys: dict[str, Any], *, held: set[bytes] | None = None):
+    def __init__(self, scheme: str, keys: dict[str, Any], *, held: set[bytes] | None = None,
+                 held_bytes: int = 32):
         self.scheme = scheme
         self.keys = keys  # name -> public key
         self.held = held
+        self.held_bytes = held_bytes
 
     def check(self, data: bytes, path: str) -> str:
         """The name of the key whose signature verifies; raises PolicyRefused otherwise."""
         problems: list[str] = []
         for name, pub in self.keys.items():
-            digest = secureboot.sbv2_public_key_digest(pub) if self.held is not None else b""
-            # ESP32-C2 holds only the digest's first 128 bits (half of BLOCK_KEY0)
             if self.held is not None and self.scheme == SBV2 and \
-                    digest not in self.held and digest[:16] not in self.held:
+                    secureboot.sbv2_public_key_digest(pub)[:self.held_bytes] not in self.held:
                 problems.append(f"{name}: digest not on the device (or revoked)")
                 continue
             try:

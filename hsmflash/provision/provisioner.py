@@ -375,7 +375,8 @@ class Provisioner:
         if sb is None:
             return None
         return proof.Verifier(sb.scheme, dict(zip(sb.keys, self.sb_public, strict=True)),
-                              held=held)
+                              held=held,
+                              held_bytes=16 if self.chip.name in hz.HALF_BLOCK_CHIPS else 32)
 
     def _own_regions(self) -> list[proof.Region]:
         """Flash regions the plan writes itself (credentials), kept clear of images: the

@@ -32,12 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hsmflash.chips import SBV2
 from hsmflash.device.base import Device, check_unique_mac
 from hsmflash.encrypt import PURPOSE_FOR_SCHEME
 from hsmflash.errors import DeviceError, InputError, PolicyRefused, UsageError
 from hsmflash.formats import kdf, partitions
-from hsmflash.formats.images import ESP_IMAGE_MAGIC, app_secure_version, read_signature_blocks
+from hsmflash.formats.images import ESP_IMAGE_MAGIC, app_secure_version
 from hsmflash.hazmat import efuse as hz
 from hsmflash.provision import proof
 from hsmflash.provision.provisioner import DeviceResult, Plan, Provisioner
@@ -72,6 +71,8 @@ class Reflasher(Provisioner):
             self.policy.check_export(reason)
 
     def _held_digests(self, state: hz.EfuseState) -> set[bytes]:
+        """The Secure Boot V2 key digests the device holds and has not revoked (ESP32-C2: the
+        first 128 bits each, all its half block holds)."""
         held = set()
         revoked = state.secure_boot_key_revoked
         for blk in state.key_blocks.values():
@@ -79,7 +80,7 @@ class Reflasher(Provisioner):
                 slot = int(blk.purpose[-1])
                 if not (slot < len(revoked) and revoked[slot]):
                     held.add(bytes(blk.data))
-        if self.chip.name in hz.HALF_BLOCK_CHIPS:  # ESP32-C2: the digest's first 128 bits
+        if self.chip.name in hz.HALF_BLOCK_CHIPS:
             held.add(bytes(state.key_blocks["BLOCK_KEY0_HI_128"].data))
         return held
 
@@ -168,23 +169,6 @@ class Reflasher(Provisioner):
                     + ", ".join(f"{p.label} {p.offset:#x}+{p.size:#x}" for p in table
                                 if p.encrypted))
 
-    def _check_device_digests(self, state: hz.EfuseState) -> None:
-        sb = self.profile.secure_boot
-        if sb is None or sb.scheme != SBV2:
-            return
-        held = self._held_digests(state)
-        half = self.chip.name in hz.HALF_BLOCK_CHIPS  # ESP32-C2: the digest's first 128 bits
-        for img in self.images:
-            if not img.is_esp_image:
-                continue
-            digests = {b.key_digest[:16] if half else b.key_digest
-                       for b in read_signature_blocks(img.data)}
-            if not digests & held:
-                raise PolicyRefused(
-                    f"{img.path!r} is not signed by a key whose digest the device holds "
-                    "(or that key is revoked); sign it with one of the device's Secure Boot "
-                    "keys")
-
     def _check_rollback(self, device_version: int | None) -> None:
         """Refuse an app whose secure_version is below the policy's or the device's minimum."""
         floor = self.profile.min_secure_version
@@ -231,7 +215,6 @@ class Reflasher(Provisioner):
                         key_used=True, exports=self._crypt_exports) as out:
             state = hz.read_state(device)
             plan.fe_kcv = self._check_device_key(device, mac, state)
-            self._check_device_digests(state)
             self._check_rollback(_device_secure_version(state))
             table = self._device_partitions(device, mac)
             self._resolve(table)
