@@ -40,9 +40,12 @@ nothing below `cli/` prints, prompts or exits):
                            file), serial (esptool: stub, baud, Secure Download Mode)
     hazmat/efuse.py        irreversible eFuse writes, each behind `confirm=True`
     provision/             from blank chip to locked device
+      inputs.py            images at addresses, the app and vfs placed by the table
       proof.py             every image and address proven before the first burn
-      provisioner.py       the plan from the device's eFuses and the table, then its execution
-      reflash.py           field updates and RMA: keys re-derived from the MAC, no eFuse writes
+      plan.py              the pure planner: eFuse state + expected check values -> Plan
+      execute.py           the executor: audited steps, encrypt in the token, write, verify
+      provisioner.py       plan, burn keys, write, enable, close download mode last
+      reflash.py           field updates and RMA (holds an executor): no eFuse writes
       pool.py              station mode: one worker process per device
     cli/                   the edge: parsing, the PIN prompt, output, error -> exit code
       main.py              the Typer app, global options (before or after the command)

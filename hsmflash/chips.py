@@ -16,6 +16,13 @@ XTS_AES_256 = "xts-aes-256"
 # ESP32-C2: a 128-bit eFuse key (low half of BLOCK_KEY0), which the chip expands with SHA-256
 # into the XTS-AES-128 key pair (espsecure does the same for 16-byte key files)
 XTS_AES_128_FROM_128 = "xts-aes-128-from-128"
+# The KDF purpose (formats/kdf.py) of each scheme's per-device key
+PURPOSE_FOR_SCHEME = {
+    XTS_AES_128: "XTS_AES_128_KEY",
+    XTS_AES_256: "XTS_AES_256_KEY",
+    ESP32_AES256: "FLASH_ENCRYPTION",
+    XTS_AES_128_FROM_128: "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS",
+}
 
 # Secure Boot schemes
 SBV1 = "sbv1"

@@ -13,18 +13,18 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsmflash.chips import ESP32_AES256, XTS_AES_128, XTS_AES_128_FROM_128, XTS_AES_256, Chip
+from hsmflash.chips import (
+    ESP32_AES256,
+    PURPOSE_FOR_SCHEME,
+    XTS_AES_128,
+    XTS_AES_128_FROM_128,
+    Chip,
+)
 from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import flashcrypt, kdf
 from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
 from hsmflash.token.keys import TokenKey
 
-PURPOSE_FOR_SCHEME = {
-    XTS_AES_128: "XTS_AES_128_KEY",
-    XTS_AES_256: "XTS_AES_256_KEY",
-    ESP32_AES256: "FLASH_ENCRYPTION",
-    XTS_AES_128_FROM_128: "XTS_AES_128_KEY_DERIVED_FROM_128_EFUSE_BITS",
-}
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
 PATH_ESP32_EXPORT = "esp32-transient-export"
@@ -182,10 +182,11 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
-            if path == PATH_EFUSE128_EXPORT and derived is not None:
-                out = efuse128_crypt(outcome, derived, [(address, data)], decrypt)[0]
+            if derived is not None and path != PATH_ESP32_XOR:
+                (out,) = crypt_derived(outcome, derived, scheme, [(address, data)],
+                                       decrypt=decrypt, crypt_config=crypt_config)
             elif scheme != ESP32_AES256:
-                k1, k2 = derived.ciphers() if derived else (outcome.cipher(0), outcome.cipher(1))
+                k1, k2 = outcome.cipher(0), outcome.cipher(1)
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
             elif derived is None and path == PATH_ESP32_STORED_EXPORT:
@@ -201,13 +202,6 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                     raise InternalError("ESP32-classic stored key without the XOR path")
                 out = esp32_xor_in_token(st.config, st.session, outcome.raw_object(), data, address,
                                          crypt_config, decrypt)
-            elif path == PATH_ESP32_EXPORT:
-                secret = outcome.export(derived, "esp32_classic_transient")
-                try:
-                    fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
-                    out = fn32(data, address, secret, crypt_config)
-                finally:
-                    wipe(secret)
             else:
                 out = esp32_xor_in_token(st.config, st.session, derived.objects[0], data,
                                          address, crypt_config, decrypt)
@@ -217,6 +211,38 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         out_sha = hashlib.sha256(out).hexdigest()
         outcome.update({"kcv_used": kcv, "output_sha256": out_sha})
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
+
+
+# schemes whose per-device key is exported to memory to encrypt (see `crypt_derived`)
+EXPORTED_SCHEMES = (ESP32_AES256, XTS_AES_128_FROM_128)
+
+
+def crypt_derived(use: KeyUse, derived: DerivedKey, scheme: str,
+                  regions: list[tuple[int, bytes]], *, decrypt: bool,
+                  crypt_config: int = 0xF) -> list[bytes]:
+    """The one path from a per-device key derived in the token to flash ciphertext (or back):
+    regions `(address, data)` in, one result per region out.
+
+    XTS: K1/K2 stay token objects. ESP32-C2: the 128-bit key is exported to memory (declared
+    to the use as `efuse128_transient`) and expanded. ESP32 classic: the key is exported to
+    memory (declared as `esp32_classic_transient`); both are recorded with their KCV and wiped.
+    Derive with `exportable=scheme in EXPORTED_SCHEMES`.
+
+    Raises:
+        PolicyRefused: the use did not declare the export.
+    """
+    if scheme == XTS_AES_128_FROM_128:
+        return efuse128_crypt(use, derived, regions, decrypt)
+    if scheme == ESP32_AES256:
+        secret = use.export(derived, "esp32_classic_transient")
+        try:
+            fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
+            return [fn32(data, address, secret, crypt_config) for address, data in regions]
+        finally:
+            wipe(secret)
+    k1, k2 = derived.ciphers()
+    fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
+    return [fn(data, address, k1, k2) for address, data in regions]
 
 
 def efuse128_crypt(use: KeyUse, derived: DerivedKey, regions: list[tuple[int, bytes]],

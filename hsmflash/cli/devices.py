@@ -147,7 +147,7 @@ def _device_specs(
 
 def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
     from hsmflash.fileio import read_input
-    from hsmflash.provision.provisioner import parse_image_args
+    from hsmflash.provision.inputs import parse_image_args
 
     args = list(images or [])
     if not args:
@@ -354,7 +354,7 @@ def _partition_images(
     """--app goes to the romfs partition, the vfs LittleFS to vfs: addresses from the table
     written (provision) or the device's own (flash)."""
     from hsmflash.fileio import read_input
-    from hsmflash.provision.provisioner import ImageSpec, add_partition_images
+    from hsmflash.provision.inputs import ImageSpec, add_partition_images
 
     app = (str(app_image), read_input(app_image, "app image")) if app_image else None
     if kind == "provision":

@@ -40,7 +40,7 @@ def check_cmd(
 
     c = ctx_of(ctx)
     parts = partitions.read_table(read_input(table, "partition table"), str(table))
-    from hsmflash.provision.provisioner import credentials_asked
+    from hsmflash.provision.inputs import credentials_asked
 
     credentials = c.policy_path is not None and credentials_asked(c.policy)
     problems = partitions.protection_problems(parts, credentials=credentials)

@@ -28,18 +28,30 @@ import csv
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hsmflash.chips import Chip
 from hsmflash.device.base import Device, check_unique_mac
-from hsmflash.encrypt import PURPOSE_FOR_SCHEME
-from hsmflash.errors import DeviceError, InputError, PolicyRefused, UsageError
+from hsmflash.errors import DeviceError, InputError, UsageError
 from hsmflash.formats import kdf, partitions
-from hsmflash.formats.images import ESP_IMAGE_MAGIC, app_secure_version
+from hsmflash.formats.images import ESP_IMAGE_MAGIC
 from hsmflash.hazmat import efuse as hz
-from hsmflash.provision import proof
-from hsmflash.provision.provisioner import DeviceResult, Plan, Provisioner
+from hsmflash.keyuse import Station
+from hsmflash.policy import Policy
+from hsmflash.provision.execute import Executor, Progress, prepare_target, subject_of
+from hsmflash.provision.inputs import ImageSpec
+from hsmflash.provision.plan import (
+    DeviceResult,
+    Plan,
+    check_in_encrypted,
+    check_rollback,
+    device_secure_version,
+    flash_writes,
+    held_digests,
+    plan_reflash,
+    reflash_key_state,
+)
 
 PARTITION_TABLE = partitions.TABLE_ADDRESS
 # espefuse's KEY_PURPOSE numbers, as GET_SECURITY_INFO reports them
@@ -48,100 +60,31 @@ SDM_NOTE = ("Secure Download Mode: written, but nothing can be read back (no MD5
             "or flash reads): not verified")
 
 
-class Reflasher(Provisioner):
-    """Writes new images to devices provisioned under the same policy."""
+class Reflasher:
+    """Writes new images to devices provisioned under the same policy (no eFuse writes)."""
 
-    audit_prefix = "flash"
-
-    def __init__(self, *args: Any, allow_rewrite: Sequence[str] = (), **kwargs: Any) -> None:
-        # set before Provisioner.__init__, whose static checks read it
+    def __init__(self, st: Station, policy: Policy, chip: Chip, images: Sequence[ImageSpec],
+                 progress: Progress | None = None, *, allow_rewrite: Sequence[str] = ()) -> None:
         self.allow_rewrite = tuple(allow_rewrite)
-        super().__init__(*args, **kwargs)
-
-    @property
-    def _credentials(self) -> Any:
-        return None  # credentials are issued at provisioning, not on re-flash
-
-    def _proof_options(self) -> dict[str, Any]:
-        # the device's own table decides data placement once the device is read
-        return {"table_pending": True, "reflash": True, "allow_rewrite": self.allow_rewrite}
-
-    def _check_exports(self) -> None:
-        for reason in self._crypt_exports:  # re-flash burns nothing: only the encryption's
-            self.policy.check_export(reason)
-
-    def _held_digests(self, state: hz.EfuseState) -> set[bytes]:
-        """The Secure Boot V2 key digests the device holds and has not revoked (ESP32-C2: the
-        first 128 bits each, all its half block holds)."""
-        held = set()
-        revoked = state.secure_boot_key_revoked
-        for blk in state.key_blocks.values():
-            if blk.purpose and blk.purpose.startswith("SECURE_BOOT_DIGEST"):
-                slot = int(blk.purpose[-1])
-                if not (slot < len(revoked) and revoked[slot]):
-                    held.add(bytes(blk.data))
-        if self.chip.name in hz.HALF_BLOCK_CHIPS:
-            held.add(bytes(state.key_blocks["BLOCK_KEY0_HI_128"].data))
-        return held
-
-    def _place_credentials(self, found: Any) -> None:
-        return None  # nor is the table the images carry used: the device's own table is
-
-    def _resolve(self, table: list[partitions.Partition]) -> None:
-        """Images that fill a partition (`--app`) take its address from the device's table.
-
-        Raises:
-            InputError: the device's table has no such partition, or the image is larger.
-        """
-        resolved = []
-        for img in self.images:
-            if img.address == -1:
-                part = (partitions.find_romfs(table) if img.partition == "romfs"
-                        else partitions.find(table, img.partition))
-                if part is None:
-                    raise InputError(f"{img.path}: the device's partition table has no "
-                                     f"{img.partition} partition")
-                if len(img.data) > part.size:
-                    raise InputError(f"{img.path} is {len(img.data)} bytes, larger than the "
-                                     f"device's {part.label} partition ({part.size} bytes)")
-                img = replace(img, address=part.offset)
-            resolved.append(img)
-        self.images = sorted(resolved, key=lambda i: i.address)
+        self.target = prepare_target(st, policy, chip, images, reflash=True,
+                                     allow_rewrite=self.allow_rewrite)
+        self.run = Executor(st, self.target, audit_prefix="flash", progress=progress)
+        self.progress = self.run.progress
 
     def _decrypt(self, mac: bytes, address: int, data: bytes) -> bytes:
-        (plain,) = self.device_crypt(mac, [(address, data)], decrypt=True,
-                                     why="reading the device's flash")
+        (plain,) = self.run.crypt(mac, [(address, data)], decrypt=True,
+                                  why="reading the device's flash")
         return plain
 
-    def _check_device_key(self, device: Device, mac: bytes, state: hz.EfuseState) -> str:
-        scheme = self.profile.flash_encryption
-        purpose = PURPOSE_FOR_SCHEME[scheme]
-        if not state.flash_encryption_enabled:
-            raise DeviceError("flash encryption is not enabled on this device: it was never "
-                              "provisioned; run `hsmflash provision` first")
-        derived = self._derive(mac, purpose, "check")
-        try:
-            kcv = derived.kcv
-            status = self._key_state(device, state, self._fe_blocks(scheme), purpose, derived)
-        except DeviceError:
-            raise DeviceError("the device's flash-encryption key is not the one this policy's "
-                              f"master ({self.profile.derive_master!r}) derives for "
-                              f"{kdf.format_mac(mac)}: it was provisioned under another master "
-                              "key or policy; use that policy") from None
-        finally:
-            derived.destroy()
-        if status == "burn":
-            raise DeviceError("the device has no flash-encryption key: run `hsmflash "
-                              "provision` first")
-        if status == "in-place-unverified":
-            boot = self.chip.bootloader_address
-            head = self._decrypt(mac, boot, device.read_flash(boot, 32))
-            if head[0] != ESP_IMAGE_MAGIC:
-                raise DeviceError(
-                    f"the bootloader at {boot:#x} does not decrypt with the key this policy "
-                    f"derives for {kdf.format_mac(mac)}: the device was provisioned under "
-                    "another master key or policy; use that policy")
-        return kcv
+    def _check_bootloader(self, device: Device, mac: bytes) -> None:
+        """A read-protected key: the bootloader in flash must decrypt with it."""
+        boot = self.target.chip.bootloader_address
+        head = self._decrypt(mac, boot, device.read_flash(boot, 32))
+        if head[0] != ESP_IMAGE_MAGIC:
+            raise DeviceError(
+                f"the bootloader at {boot:#x} does not decrypt with the key this policy "
+                f"derives for {kdf.format_mac(mac)}: the device was provisioned under "
+                "another master key or policy; use that policy")
 
     def _device_partitions(self, device: Device, mac: bytes) -> list[partitions.Partition]:
         raw = device.read_flash(PARTITION_TABLE, partitions.TABLE_SIZE)
@@ -151,39 +94,6 @@ class Reflasher(Provisioner):
         except InputError as e:
             raise DeviceError(f"{e.diagnostics()}: the device has no readable partition table, "
                               "so image addresses cannot be checked") from None
-
-    def _check_addresses(self, table: list[partitions.Partition], plan: Plan) -> None:
-        boot = self.chip.bootloader_address
-        for write in plan.flash:
-            if write.address in (boot, 0x0) and write.address < PARTITION_TABLE:
-                continue  # the bootloader region (SBv1: the digest image at 0x0)
-            if write.address == PARTITION_TABLE:
-                continue
-            hits = [p for p in table if p.contains(write.address, write.length)]
-            if not hits or not hits[0].encrypted:
-                where = (f"partition {hits[0].label!r}, which is not encrypted" if hits
-                         else "no partition")
-                raise InputError(
-                    f"{write.source} at {write.address:#x} (+{write.length:#x}) falls in "
-                    f"{where} of the device's table; encrypted partitions: "
-                    + ", ".join(f"{p.label} {p.offset:#x}+{p.size:#x}" for p in table
-                                if p.encrypted))
-
-    def _check_rollback(self, device_version: int | None) -> None:
-        """Refuse an app whose secure_version is below the policy's or the device's minimum."""
-        floor = self.profile.min_secure_version
-        for img in self.images:
-            version = app_secure_version(img.data)
-            if version is None:
-                continue
-            if version < floor:
-                raise PolicyRefused(
-                    f"{img.path!r} has secure_version {version}, below the policy's "
-                    f"min_secure_version {floor} (anti-rollback)")
-            if device_version is not None and version < device_version:
-                raise PolicyRefused(
-                    f"{img.path!r} has secure_version {version}, below the device's "
-                    f"{device_version} (SECURE_VERSION eFuse): the bootloader would refuse it")
 
     def reflash(self, device: Device, *, dry_run: bool = False, device_mac: str | None = None,
                 manifest: str | None = None) -> DeviceResult:
@@ -201,47 +111,40 @@ class Reflasher(Provisioner):
         if getattr(device, "secure_download_mode", False):
             return self.reflash_secure_download(device, device_mac, manifest, dry_run=dry_run)
         started = time.monotonic()
-        mac, revision = self.identify(device)
+        run, target = self.run, self.target
+        mac, revision = run.identify(device)
         if device_mac is not None and kdf.parse_mac(device_mac) != mac:
             raise DeviceError(f"the device reports MAC {kdf.format_mac(mac)}, not "
                               f"{device_mac} (--device)")
         mac_text = kdf.format_mac(mac)
-        subject = {"device": mac_text, "chip": self.chip.name, "revision": revision}
-        scheme = self.profile.flash_encryption
-        plan = Plan(self.chip.name, revision, mac_text, self.policy.name, scheme,
-                    PURPOSE_FOR_SCHEME[scheme], self._fe_blocks(scheme))
+        subject = subject_of(mac, target.chip, revision)
         self.progress(f"{mac_text}: checking")
-        with self._step("check", subject, {"policy": self.policy.name, "dry_run": dry_run},
-                        key_used=True, exports=self._crypt_exports) as out:
+        with run.step("check", subject, {"policy": target.policy.name, "dry_run": dry_run},
+                      key_used=True, exports=target.crypt_exports) as out:
             state = hz.read_state(device)
-            plan.fe_kcv = self._check_device_key(device, mac, state)
-            self._check_rollback(_device_secure_version(state))
+            expected = run.expected(mac)
+            if reflash_key_state(target, mac, state, expected,
+                                 run.key_order(device)) == "in-place-unverified":
+                self._check_bootloader(device, mac)
+            check_rollback(target, device_secure_version(state))
             table = self._device_partitions(device, mac)
-            self._resolve(table)
-            self._plan_flash(plan, mac)
-            # every image again, now against the device's table and the digests it holds
-            proof.prove_images(self.images, self.chip, self.profile,
-                               self._verifier(self._held_digests(state)), [], table=table,
-                               table_name="the device's partition table", reflash=True,
-                               allow_rewrite=self.allow_rewrite)
-            self._check_addresses(table, plan)
+            plan, images = plan_reflash(target, mac, revision, expected, table,
+                                        held_digests(target.chip, state),
+                                        allow_rewrite=self.allow_rewrite)
             out["allow_rewrite"] = list(self.allow_rewrite)
             out["fe_kcv"] = plan.fe_kcv
-        result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
-                              plan=plan.describe())
-        result.images = [{"address": f"{w.address:#x}", "source": w.source,
-                          "sha256": w.plaintext_sha256} for w in plan.flash]
+        result = _result(plan)
         if dry_run:
             result.seconds = time.monotonic() - started
             return result
-        self._write_flash(device, mac, plan, subject)
-        self._verify(device, mac, plan, subject)
+        run.encrypt(mac, images, plan, subject)
+        run.write(device, plan, subject)
+        run.verify(device, plan)
         result.result = ("up-to-date" if all(w.status == "in-place" for w in plan.flash)
                          else "flashed")
         result.seconds = time.monotonic() - started
         self.progress(f"{mac_text}: {result.result}")
         return result
-
 
     # -- Secure Download Mode -----------------------------------------------------------------
     def reflash_secure_download(self, device: Any, device_mac: str | None,
@@ -257,6 +160,7 @@ class Reflasher(Provisioner):
             PolicyRefused: an image below the policy's min_secure_version.
         """
         started = time.monotonic()
+        run, target = self.run, self.target
         if device_mac is None:
             raise UsageError(f"{getattr(device, 'port', 'the device')} is in Secure Download "
                              "Mode, so its MAC cannot be read: name it with --device MAC "
@@ -265,52 +169,36 @@ class Reflasher(Provisioner):
         check_unique_mac(mac)
         mac_text = kdf.format_mac(mac)
         revision = "unknown"
-        subject = {"device": mac_text, "chip": self.chip.name, "revision": revision,
-                   "secure_download_mode": True}
-        scheme = self.profile.flash_encryption
-        plan = Plan(self.chip.name, revision, mac_text, self.policy.name, scheme,
-                    PURPOSE_FOR_SCHEME[scheme], self._fe_blocks(scheme))
+        subject = {**subject_of(mac, target.chip, revision), "secure_download_mode": True}
+        plan = Plan(target.chip.name, revision, mac_text, target.policy.name,
+                    target.profile.flash_encryption, target.fe_purpose, target.fe_blocks())
         notes = [SDM_NOTE, "Secure Boot digests cannot be read: images were checked against "
                  "the policy's signing keys"]
         self.progress(f"{mac_text}: checking (secure download mode)")
         info = device.security_info()
         self._check_security_info(info, plan)
-        row = _manifest_row(manifest, mac_text, self.chip.name)
+        row = _manifest_row(manifest, mac_text, target.chip.name)
         if row is None:
             notes.append("the MAC was not checked against a provisioning manifest")
-        with self._step("check", subject, {"policy": self.policy.name, "dry_run": dry_run,
-                                           "secure_download_mode": True},
-                        key_used=True, exports=self._crypt_exports) as out:
-            derived = self._derive(mac, plan.fe_purpose, "check")
-            try:
-                plan.fe_kcv = derived.kcv
-            finally:
-                derived.destroy()
+        with run.step("check", subject, {"policy": target.policy.name, "dry_run": dry_run,
+                                         "secure_download_mode": True},
+                      key_used=True, exports=target.crypt_exports) as out:
+            plan.fe_kcv = run.expected(mac).fe_kcv
             if row is not None and row.get("fe_kcv") and row["fe_kcv"] != plan.fe_kcv:
                 raise DeviceError(f"{manifest}: {mac_text} was provisioned with key check "
                                   f"value {row['fe_kcv']}, not the {plan.fe_kcv} this policy "
                                   "derives: another master key or policy")
-            self._check_rollback(None)
-            self._plan_flash(plan, mac)
-            self._check_addresses(self._table_for_sdm(), plan)
+            check_rollback(target, None)
+            plan.flash = flash_writes(target, target.images)
+            check_in_encrypted(target.chip, self._table_for_sdm(), plan)
             out["fe_kcv"] = plan.fe_kcv
-        result = DeviceResult(mac_text, self.chip.name, revision, "planned", fe_kcv=plan.fe_kcv,
-                              plan=plan.describe(), verified=False, notes=notes)
-        result.images = [{"address": f"{w.address:#x}", "source": w.source,
-                          "sha256": w.plaintext_sha256} for w in plan.flash]
+        result = _result(plan, verified=False, notes=notes)
         if dry_run:
             result.seconds = time.monotonic() - started
             return result
-        self._prepare_flash(mac, plan, subject)
-        for write in plan.flash:  # whole regions, every time: nothing tells what is in place
-            self.progress(f"{mac_text}: writing {write.source} at {write.address:#x}")
-            with self._step("write-flash", subject, {"address": f"{write.address:#x}",
-                                                     "source": write.source,
-                                                     "length": len(write.ciphertext),
-                                                     "ciphertext_md5": write.md5,
-                                                     "verified": False}):
-                device.write_flash(write.address, write.ciphertext)
-            write.status = "written"
+        run.encrypt(mac, target.images, plan, subject)
+        # whole regions, every time: nothing tells what is in place
+        run.write(device, plan, subject, skip_in_place=False, verified=False)
         result.result = "written-unverified"
         result.plan = plan.describe()
         result.seconds = time.monotonic() - started
@@ -327,18 +215,19 @@ class Reflasher(Provisioner):
         if wanted and not wanted <= purposes:
             raise DeviceError(f"the chip holds no {plan.fe_purpose} key (key purposes "
                               f"{sorted(purposes)}): it was provisioned under another scheme")
-        sb = self.profile.secure_boot
+        sb = self.target.profile.secure_boot
         if sb is not None and not info.get("parsed_flags", {}).get("SECURE_BOOT_EN", False):
             raise DeviceError("the chip reports Secure Boot off, but the policy enables it")
 
     def _table_for_sdm(self) -> list[partitions.Partition]:
         """The partition table being written, else the policy's image at the table address."""
-        for img in self.images:
+        for img in self.target.images:
             if img.address == PARTITION_TABLE:
                 return partitions.parse(img.data, img.path)
-        name = self.profile.images.get(f"{PARTITION_TABLE:#x}")
+        policy = self.target.policy
+        name = self.target.profile.images.get(f"{PARTITION_TABLE:#x}")
         if name is not None:
-            path = Path(self.policy.path).parent / name
+            path = Path(policy.path).parent / name
             try:
                 return partitions.parse(path.read_bytes(), str(path))
             except OSError as e:
@@ -349,15 +238,13 @@ class Reflasher(Provisioner):
                          "image addresses can be checked")
 
 
-def _device_secure_version(state: hz.EfuseState) -> int | None:
-    """The device's anti-rollback floor from its SECURE_VERSION eFuse (bits set), if it has one."""
-    try:
-        value = state.field("SECURE_VERSION")
-    except InputError:
-        return None
-    if isinstance(value, bool | bytes):
-        return None
-    return bin(int(value)).count("1")
+def _result(plan: Plan, *, verified: bool = True, notes: list[str] | None = None
+            ) -> DeviceResult:
+    result = DeviceResult(plan.mac, plan.chip, plan.revision, "planned", fe_kcv=plan.fe_kcv,
+                          plan=plan.describe(), verified=verified, notes=notes or [])
+    result.images = [{"address": f"{w.address:#x}", "source": w.source,
+                      "sha256": w.plaintext_sha256} for w in plan.flash]
+    return result
 
 
 def _manifest_row(manifest: str | None, mac: str, chip: str) -> dict[str, Any] | None:
