@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsmflash.errors import InputError, PolicyRefused
+from hsmflash.fileio import parse_int
 from hsmflash.formats import partitions, vfs
 from hsmflash.formats.appimage import parse_app_image
 from hsmflash.formats.images import ESP_IMAGE_MAGIC
@@ -50,24 +51,28 @@ def parse_image_args(args: list[str], read: Callable[[str], bytes]) -> list[Imag
         addr_text, sep, path = arg.partition("=")
         if not sep or not path:
             raise InputError(f"--image {arg!r}: expected ADDR=FILE, e.g. 0x10000=app.bin")
-        try:
-            address = int(addr_text, 0)
-        except ValueError:
-            raise InputError(f"--image {arg!r}: address {addr_text!r} is not a number") from None
-        if address < 0:
-            raise InputError(f"--image {arg!r}: address {address:#x} is negative")
+        address = parse_int(addr_text, f"--image {arg!r}: address")
         if address % SECTOR:
             raise InputError(f"--image {arg!r}: address {address:#x} is not 4 KiB aligned")
         data = read(path)
         if not data:
             raise InputError(f"image {path!r} is empty")
         specs.append(ImageSpec(address, path, data))
-    specs.sort(key=lambda s: s.address)
-    for a, b in itertools.pairwise(specs):
+    return _in_order(specs)
+
+
+def _in_order(images: list[ImageSpec]) -> list[ImageSpec]:
+    """The images by address.
+
+    Raises:
+        InputError: two of them overlap.
+    """
+    images = sorted(images, key=lambda s: s.address)
+    for a, b in itertools.pairwise(images):
         if a.address + len(a.data) > b.address:
             raise InputError(f"images {a.path!r} at {a.address:#x} and {b.path!r} at "
                              f"{b.address:#x} overlap")
-    return specs
+    return images
 
 
 def table_of(images: list[ImageSpec]) -> tuple[ImageSpec, list[partitions.Partition]] | None:
@@ -120,12 +125,7 @@ def add_partition_images(images: list[ImageSpec], *, app: tuple[str, bytes] | No
         what = f"vfs (LittleFS{', ' + str(vfs_dir) if vfs_dir else ''})"
         for offset, data in image.regions():
             out.append(ImageSpec(vfs_part.offset + offset, f"{what} +{offset:#x}", data, "vfs"))
-    out.sort(key=lambda s: s.address)
-    for a, b in itertools.pairwise(out):
-        if a.address + len(a.data) > b.address:
-            raise InputError(f"images {a.path!r} at {a.address:#x} and {b.path!r} at "
-                             f"{b.address:#x} overlap")
-    return out
+    return _in_order(out)
 
 
 @dataclass(frozen=True)
