@@ -49,7 +49,12 @@ def main() -> None:
         for name in ("boot", "app"):
             run_process([HS, "sign", str(tmp / f"{name}.bin"), "-o", str(tmp / f"{name}.signed"),
                  "--key", "sb-release", "--chip", "esp32s3"], env)
+        from hsmflash.formats import partitions
+
+        # the table written to the device places the credentials (nvs, nvs_keys)
+        (tmp / "table.bin").write_bytes(partitions.build(partitions.default_layout()))
         images = ["--image", f"0x0={tmp / 'boot.signed'}",
+                  "--image", f"0x8000={tmp / 'table.bin'}",
                   "--image", f"0x10000={tmp / 'app.signed'}"]
         counter = 0
         results: dict[int, list[float]] = {}
