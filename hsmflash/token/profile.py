@@ -116,7 +116,7 @@ def xor_derive(base: p11t.DeriveMixin, data: bytes, template: dict[Attribute, bo
 def session_secret_template(*flags: Attribute) -> dict[Attribute, bool]:
     """A throwaway AES session key template that sets only what must be set."""
     tpl: dict[Attribute, bool] = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
-                                 Attribute.EXTRACTABLE: False}
+                                  Attribute.EXTRACTABLE: False}
     for f in flags:
         tpl[f] = True
     return tpl
@@ -307,16 +307,18 @@ def probe(session: p11t.Session, ident: dict[str, str]) -> Profile:
         def xts() -> None:
             if base is None:
                 raise _Wrong("no AES key could be made (generate and import both refused)")
-            # made with CKA_ENCRYPT and CKA_DERIVE: python-pkcs11 built it with those mixins
-            out = bytes(cast(bytes, cast("p11t.EncryptMixin", base).encrypt(
-                block, mechanism=Mechanism.AES_ECB)))
+            # made with CKA_ENCRYPT and CKA_DERIVE, so python-pkcs11 built it with those
+            # mixins; bytes in, bytes out (its stub also allows an iterator)
+            enc = cast("p11t.EncryptMixin", base).encrypt(block, mechanism=Mechanism.AES_ECB)
+            out = bytes(cast(bytes, enc))
             if value is not None and out != _aes_ecb(value, block):
                 raise _Wrong("AES-ECB output differs from the reference")
 
         def check_derived(obj: p11t.SecretKey, expected_key: bytes | None) -> None:
             made.append(obj)
-            out = bytes(cast(bytes, cast("p11t.EncryptMixin", obj).encrypt(  # CKA_ENCRYPT
-                bytes(16), mechanism=Mechanism.AES_ECB)))
+            enc = cast("p11t.EncryptMixin", obj).encrypt(  # derived with CKA_ENCRYPT
+                bytes(16), mechanism=Mechanism.AES_ECB)
+            out = bytes(cast(bytes, enc))
             if expected_key is not None and out != _aes_ecb(expected_key, bytes(16)):
                 raise _Wrong("derived key differs from the reference")
 
