@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
@@ -34,22 +34,31 @@ from hsmflash.policy import Policy
 from hsmflash.token.keys import AUDIT_HEAD_LABEL, TokenKey, find_key, generate_key, key_exists
 from hsmflash.token.session import KeyRef, TokenConfig, open_session, supports, wrap_pkcs11
 
+if TYPE_CHECKING:
+    import pkcs11.types as p11t
+
+    from hsmflash.token.profile import Profile
+
 
 class TokenCipher:
     """AES-ECB through the token (CKM_AES_ECB), one bulk call per request."""
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: p11t.Key) -> None:
         self._obj = obj
 
+    # The object has CKA_ENCRYPT/CKA_DECRYPT, so python-pkcs11 built it with those mixins;
+    # bytes in, bytes out (its stub also allows an iterator).
     def encrypt_ecb(self, data: bytes) -> bytes:
         try:
-            return bytes(self._obj.encrypt(data, mechanism=Mechanism.AES_ECB))
+            out = cast("p11t.EncryptMixin", self._obj).encrypt(data, mechanism=Mechanism.AES_ECB)
+            return bytes(cast(bytes, out))
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, "AES-ECB encrypt") from e
 
     def decrypt_ecb(self, data: bytes) -> bytes:
         try:
-            return bytes(self._obj.decrypt(data, mechanism=Mechanism.AES_ECB))
+            out = cast("p11t.DecryptMixin", self._obj).decrypt(data, mechanism=Mechanism.AES_ECB)
+            return bytes(cast(bytes, out))
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, "AES-ECB decrypt") from e
 
@@ -76,16 +85,17 @@ class TokenSigner:
         return self._key.public_key()
 
     def sign_digest(self, digest: bytes) -> bytes:
+        private = cast("p11t.SignMixin", self._key.primary)  # a signing key: CKA_SIGN
         try:
             if self.algorithm == "rsa-3072" and self._rsa_padding == "pkcs1v15":
-                return bytes(self._key.primary.sign(_DIGEST_INFO[len(digest)] + digest,
-                                                    mechanism=Mechanism.RSA_PKCS))
+                return bytes(private.sign(_DIGEST_INFO[len(digest)] + digest,
+                                          mechanism=Mechanism.RSA_PKCS))
             if self.algorithm == "rsa-3072":
-                return bytes(self._key.primary.sign(
+                return bytes(private.sign(
                     digest, mechanism=Mechanism.RSA_PKCS_PSS,
                     mechanism_param=(_HASH_MECH[len(digest)], _MGF[len(digest)], 32),
                 ))
-            return bytes(self._key.primary.sign(digest, mechanism=Mechanism.ECDSA))
+            return bytes(private.sign(digest, mechanism=Mechanism.ECDSA))
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, f"signing with key {self._key.name!r}") from e
 
@@ -103,14 +113,15 @@ class DerivedKey:
 
     device: bytes
     purpose: str
-    objects: list[Any] = field(repr=False)
+    objects: list[p11t.SecretKey] = field(repr=False)
 
     def kcvs(self) -> list[str]:
         """KCVs computed as AES-ECB_K(0^16)[:3] with the derived object itself: SoftHSM 2.6
         reports a wrong CKA_CHECK_VALUE for keys made by C_DeriveKey."""
         try:
-            return [bytes(o.encrypt(bytes(16), mechanism=Mechanism.AES_ECB))[:3].hex()
-                    for o in self.objects]
+            outs = [cast("p11t.EncryptMixin", o).encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+                    for o in self.objects]  # derived with CKA_ENCRYPT; bytes in, bytes out
+            return [bytes(cast(bytes, out))[:3].hex() for out in outs]
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, f"computing the KCV of a derived {self.purpose} key") from e
 
@@ -138,7 +149,7 @@ def split_for_purpose(purpose: str) -> list[int]:
     return [n]
 
 
-def _store_no_usage_key(session: Any, label: str, ident: bytes) -> None:
+def _store_no_usage_key(session: p11t.Session, label: str, ident: bytes) -> None:
     """A token object that holds `ident` in its CKA_ID: a small AES key with no usage at all,
     for tokens that refuse data objects (NSS)."""
     from hsmflash.token.profile import session_secret_template
@@ -158,14 +169,14 @@ class _HeadObjects:
 
     object_class: ObjectClass
 
-    def __init__(self, session: Any, log_id: str) -> None:
+    def __init__(self, session: p11t.Session, log_id: str) -> None:
         self._session = session
         self._label = f"{AUDIT_HEAD_LABEL}:{log_id}"
 
-    def _decode(self, obj: Any) -> tuple[int, str]:
+    def _decode(self, obj: p11t.Object) -> tuple[int, str]:
         raise NotImplementedError
 
-    def _objects(self) -> list[tuple[int, str, Any]]:
+    def _objects(self) -> list[tuple[int, str, p11t.Object]]:
         found = [(*self._decode(obj), obj) for obj in self._session.get_objects({
             Attribute.CLASS: self.object_class, Attribute.LABEL: self._label})]
         return sorted(found, key=lambda t: t[0])
@@ -183,7 +194,7 @@ class TokenHeadStore(_HeadObjects):
 
     object_class = ObjectClass.DATA
 
-    def _decode(self, obj: Any) -> tuple[int, str]:
+    def _decode(self, obj: p11t.Object) -> tuple[int, str]:
         head = json.loads(bytes(obj[Attribute.VALUE]).decode())
         return int(head["seq"]), str(head["hash"])
 
@@ -209,7 +220,8 @@ class TokenLogBinding:
     path's first checkpoint, so a log replaced by another one (or deleted) is refused before
     any key use. Either form is read."""
 
-    def __init__(self, session: Any, audit_path: str | Path, form: str = "data-object") -> None:
+    def __init__(self, session: p11t.Session, audit_path: str | Path,
+                 form: str = "data-object") -> None:
         self._session = session
         self._form = form
         real = os.path.realpath(os.fsencode(audit_path))
@@ -257,7 +269,7 @@ class KeyIdHeadStore(_HeadObjects):
 
     object_class = ObjectClass.SECRET_KEY
 
-    def _decode(self, obj: Any) -> tuple[int, str]:
+    def _decode(self, obj: p11t.Object) -> tuple[int, str]:
         ident = bytes(obj[Attribute.ID])
         if len(ident) != 40:
             raise ValueError("audit head key object has a malformed CKA_ID")
@@ -282,7 +294,7 @@ HEAD_STORES: dict[str, type[TokenHeadStore] | type[KeyIdHeadStore]] = {
 }
 
 
-def find_head_store(session: Any, log_id: str,
+def find_head_store(session: p11t.Session, log_id: str,
                     preferred: str = "data-object") -> TokenHeadStore | KeyIdHeadStore:
     """The head store that holds this log's head (either form), else the `preferred` form.
 
@@ -373,7 +385,7 @@ class KeyUse(MutableMapping[str, Any]):
         """AES-ECB with the key (`part` 1 is an XTS key's tweak half)."""
         return TokenCipher(self._live_key("encryption").objects[part])
 
-    def raw_object(self) -> Any:
+    def raw_object(self) -> p11t.Key:
         """The key's PKCS#11 object, for the C-API batch derivation path (`token.rawderive`)."""
         return self._live_key("raw derivation").primary
 
@@ -405,13 +417,14 @@ class KeyUse(MutableMapping[str, Any]):
             Attribute.SIGN: False,
             Attribute.VERIFY: False,
         }
-        objects = []
+        objects: list[p11t.SecretKey] = []
+        base = cast("p11t.DeriveMixin", master.primary)  # check_master: CKA_DERIVE
         i = 0
         try:
             for n in split_for_purpose(purpose):
                 data = b"".join(blocks[i:i + n])
                 i += n
-                objects.append(master.primary.derive_key(
+                objects.append(base.derive_key(
                     KeyType.AES, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
                     mechanism_param=data, template=template,
                 ))
@@ -461,7 +474,7 @@ class KeyUse(MutableMapping[str, Any]):
         }
         data = b"".join(blocks)
         try:
-            obj = master.primary.derive_key(
+            obj = cast("p11t.DeriveMixin", master.primary).derive_key(  # check_master: CKA_DERIVE
                 KeyType.GENERIC_SECRET, len(data) * 8, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
                 mechanism_param=data, template=template)
         except p11x.PKCS11Error as e:
@@ -470,7 +483,9 @@ class KeyUse(MutableMapping[str, Any]):
         self._outcome.setdefault("exported", []).append(
             {"purpose": purpose, "kcv": kcv, "why": reason, "what": "HMAC-SHA256 outputs"})
         try:
-            return [bytearray(obj.sign(m, mechanism=Mechanism.SHA256_HMAC)) for m in messages]
+            hmac_key = cast("p11t.SignMixin", obj)  # derived with CKA_SIGN
+            return [bytearray(hmac_key.sign(m, mechanism=Mechanism.SHA256_HMAC))
+                    for m in messages]
         except p11x.PKCS11Error as e:
             raise wrap_pkcs11(e, f"HMAC-SHA256 with the derived {purpose} key") from e
         finally:
@@ -549,7 +564,8 @@ class KeyUse(MutableMapping[str, Any]):
             last: Exception | None = None
             for mech in (Mechanism.AES_KEY_WRAP, Mechanism.AES_ECB):
                 try:
-                    wrapped = bytes(wrapping.wrap_key(key.primary, mechanism=mech))
+                    wrapped = bytes(cast("p11t.WrapMixin", wrapping).wrap_key(  # CKA_WRAP
+                        key.primary, mechanism=mech))
                 except p11x.PKCS11Error as e:
                     last = e
                     continue
@@ -595,7 +611,8 @@ def check_master(master: TokenKey) -> None:
 class Station:
     """One command's access to keys. Open with `Station.open(...)` (a context manager)."""
 
-    def __init__(self, config: TokenConfig, policy: Policy, session: Any, audit: AuditLog) -> None:
+    def __init__(self, config: TokenConfig, policy: Policy, session: p11t.Session,
+                 audit: AuditLog) -> None:
         self.config = config
         self.policy = policy
         self.session = session
@@ -603,7 +620,7 @@ class Station:
         self.used_keys = False
         self._anchored = False
         self._keys: dict[str, TokenKey] = {}
-        self._profile: Any = None
+        self._profile: Profile | None = None
 
     @classmethod
     @contextmanager
@@ -711,7 +728,7 @@ class Station:
         return supports(self.config, mechanism)
 
     # -- audit checkpoint -------------------------------------------------------------------
-    def profile(self) -> Any:
+    def profile(self) -> Profile:
         """The token's probed capability profile (cached per token)."""
         if self._profile is None:
             from hsmflash.token.profile import load_profile

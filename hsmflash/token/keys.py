@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pkcs11.exceptions as p11x
+import pkcs11.types as p11t
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
@@ -50,6 +51,9 @@ _ALL_SECRET_FLAGS = (
     Attribute.DERIVE, Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.WRAP, Attribute.UNWRAP,
     Attribute.SIGN, Attribute.VERIFY,
 )
+# The attribute values hsmflash puts in templates (flags, sizes, labels, IDs, key values;
+# ObjectClass and KeyType are ints); python-pkcs11 takes dict[Attribute, Any].
+AttributeTemplate = dict[Attribute, bool | int | str | bytes]
 
 
 @dataclass
@@ -58,11 +62,11 @@ class TokenKey:
 
     name: str
     type: str
-    objects: list[Any] = field(repr=False)
-    public: Any = field(default=None, repr=False)
+    objects: list[p11t.Key] = field(repr=False)
+    public: p11t.PublicKey | None = field(default=None, repr=False)
 
     @property
-    def primary(self) -> Any:
+    def primary(self) -> p11t.Key:
         """The secret or private object.
 
         Raises:
@@ -73,9 +77,11 @@ class TokenKey:
                              "(log in with the PIN, or the token holds only the public key)")
         return self.objects[0]
 
-    def attr(self, attribute: Attribute, obj: Any = None) -> Any:
+    def attr(self, attribute: Attribute, obj: p11t.Object | None = None) -> Any:
         """An attribute, or None where the token does not have or show it."""
-        return read_attr(obj or (self.objects[0] if self.objects else self.public), attribute)
+        target = obj or (self.objects[0] if self.objects else self.public)
+        # a TokenKey holds its secret/private objects or its public one
+        return read_attr(cast(p11t.Object, target), attribute)
 
     @functools.cached_property
     def usage(self) -> tuple[str, ...]:
@@ -130,7 +136,8 @@ class TokenKey:
 
     @functools.cached_property
     def _public_key(self) -> PublicKey:
-        return public_from_object(self.public, self.type)
+        # public_key() has checked that the public object is there
+        return public_from_object(cast(p11t.PublicKey, self.public), self.type)
 
     def fingerprint(self) -> str:
         """`sha256:` + hex SHA-256 of the DER SubjectPublicKeyInfo."""
@@ -152,7 +159,7 @@ class TokenKey:
         return info
 
 
-def read_attr(obj: Any, attribute: Attribute) -> Any:
+def read_attr(obj: p11t.Object, attribute: Attribute) -> Any:
     """An attribute's value, or None where the token lacks it, hides it or cannot read it."""
     try:
         return obj[attribute]
@@ -161,20 +168,23 @@ def read_attr(obj: Any, attribute: Attribute) -> Any:
         return None
 
 
-def object_kcv(obj: Any) -> str:
+def object_kcv(obj: p11t.Key) -> str:
     """The KCV of one AES object: CKA_CHECK_VALUE, else computed with CKA_ENCRYPT, else n/a."""
     value = read_attr(obj, Attribute.CHECK_VALUE)
     if value:
         return bytes(value)[:3].hex()
     if read_attr(obj, Attribute.ENCRYPT):
         try:
-            return bytes(obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB))[:3].hex()
+            # CKA_ENCRYPT is set, so python-pkcs11 gave the object its EncryptMixin; bytes in,
+            # bytes out (its stub also allows an iterator)
+            out = cast(p11t.EncryptMixin, obj).encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+            return bytes(cast(bytes, out))[:3].hex()
         except p11x.PKCS11Error:
             pass
     return "n/a"
 
 
-def public_from_object(obj: Any, key_type: str) -> PublicKey:
+def public_from_object(obj: p11t.PublicKey, key_type: str) -> PublicKey:
     """Build a cryptography public key from a PKCS#11 public key object."""
     if key_type == "rsa-3072":
         n = int.from_bytes(obj[Attribute.MODULUS], "big")
@@ -189,7 +199,7 @@ def public_from_object(obj: Any, key_type: str) -> PublicKey:
     return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[key_type][1], point)
 
 
-def _type_of(obj: Any, label: str) -> str:
+def _type_of(obj: p11t.Key, label: str) -> str:
     kt = obj[Attribute.KEY_TYPE]
     if kt == KeyType.AES:
         length = read_attr(obj, Attribute.VALUE_LEN)  # openCryptoki: absent on imported keys
@@ -210,26 +220,29 @@ def _type_of(obj: Any, label: str) -> str:
     return f"unknown-{kt}"
 
 
-def _objects_by_label(session: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
+def _objects_by_label(session: p11t.Session) -> dict[str, list[p11t.Key]]:
+    out: dict[str, list[p11t.Key]] = {}
     for cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
         for obj in session.get_objects({Attribute.CLASS: cls, Attribute.TOKEN: True}):
-            out.setdefault(str(obj[Attribute.LABEL]), []).append(obj)
+            # python-pkcs11 makes key classes' objects p11t.Key instances: always true here
+            if isinstance(obj, p11t.Key):
+                out.setdefault(str(obj[Attribute.LABEL]), []).append(obj)
     return out
 
 
-def _assemble(name: str, objs: dict[str, list[Any]]) -> TokenKey | None:
+def _assemble(name: str, objs: dict[str, list[p11t.Key]]) -> TokenKey | None:
     if name + ".k1" in objs and name + ".k2" in objs:
         k1, k2 = objs[name + ".k1"][0], objs[name + ".k2"][0]
         return TokenKey(name, _type_of(k1, name + ".k1"), [k1, k2])
     found = objs.get(name)
     if not found:
         return None
-    secret = [o for o in found if o.object_class == ObjectClass.SECRET_KEY]
+    # (python-pkcs11's classes for CKO_SECRET_KEY etc. are these p11t classes' subclasses)
+    secret = [o for o in found if isinstance(o, p11t.SecretKey)]
     if secret:
         return TokenKey(name, _type_of(secret[0], name), [secret[0]])
-    private = [o for o in found if o.object_class == ObjectClass.PRIVATE_KEY]
-    public = [o for o in found if o.object_class == ObjectClass.PUBLIC_KEY]
+    private = [o for o in found if isinstance(o, p11t.PrivateKey)]
+    public = [o for o in found if isinstance(o, p11t.PublicKey)]
     if private:
         pub = public[0] if public else None
         return TokenKey(name, _type_of(private[0], name), [private[0]], pub)
@@ -238,18 +251,17 @@ def _assemble(name: str, objs: dict[str, list[Any]]) -> TokenKey | None:
     return None
 
 
-def find_key(session: Any, name: str, token_label: str = "") -> TokenKey:
+def find_key(session: p11t.Session, name: str, token_label: str = "") -> TokenKey:
     """Find the key called `name`.
 
     Raises:
         TokenError: no such key (exit 4), naming the key and the token.
     """
-    objs: dict[str, list[Any]] = {}
+    objs: dict[str, list[p11t.Key]] = {}
     for label in (name, name + ".k1", name + ".k2"):
         for obj in session.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True}):
-            if obj.object_class in (
-                ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY
-            ):
+            # secret, private and public keys: python-pkcs11's p11t.Key subclasses
+            if isinstance(obj, p11t.Key):
                 objs.setdefault(label, []).append(obj)
     key = _assemble(name, objs)
     if key is None or (not key.objects and key.public is None):
@@ -258,7 +270,7 @@ def find_key(session: Any, name: str, token_label: str = "") -> TokenKey:
     return key
 
 
-def list_keys(session: Any) -> list[TokenKey]:
+def list_keys(session: p11t.Session) -> list[TokenKey]:
     """Every hsmflash-shaped key in the token, sorted by name."""
     objs = _objects_by_label(session)
     names = set()
@@ -273,15 +285,15 @@ def list_keys(session: Any) -> list[TokenKey]:
     return keys
 
 
-def key_exists(session: Any, name: str) -> bool:
+def key_exists(session: p11t.Session, name: str) -> bool:
     for label in (name, name + ".k1", name + ".k2"):
         if next(iter(session.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True})), None):
             return True
     return False
 
 
-def _secret_template(usage: tuple[str, ...]) -> dict[Attribute, Any]:
-    template: dict[Attribute, Any] = {a: False for a in _ALL_SECRET_FLAGS}
+def _secret_template(usage: tuple[str, ...]) -> AttributeTemplate:
+    template: AttributeTemplate = {a: False for a in _ALL_SECRET_FLAGS}
     for u in usage:
         for a in _SECRET_FLAGS[u]:
             template[a] = True
@@ -295,7 +307,7 @@ def _secret_template(usage: tuple[str, ...]) -> dict[Attribute, Any]:
     return template
 
 
-def _private_template() -> dict[Attribute, Any]:
+def _private_template() -> AttributeTemplate:
     return {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
@@ -309,7 +321,7 @@ def _private_template() -> dict[Attribute, Any]:
     }
 
 
-def _public_template() -> dict[Attribute, Any]:
+def _public_template() -> AttributeTemplate:
     return {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: False,
@@ -320,7 +332,7 @@ def _public_template() -> dict[Attribute, Any]:
     }
 
 
-def _refuse_existing(session: Any, name: str) -> None:
+def _refuse_existing(session: p11t.Session, name: str) -> None:
     if key_exists(session, name):
         raise InputError(f"a key named {name!r} already exists in the token")
 
@@ -338,7 +350,7 @@ _TEMPLATE_REFUSALS = (p11x.AttributeValueInvalid, p11x.TemplateInconsistent,
                       p11x.AttributeTypeInvalid)
 
 
-def _generate_keypair(session: Any, name: str, key_type: str) -> None:
+def _generate_keypair(session: p11t.Session, name: str, key_type: str) -> None:
     """The strict template first (every usage flag explicit); tokens that check templates
     against their own view (tpm2-pkcs11 rejects explicit false flags) get the minimal one,
     and the key is then read back: one with a forbidden usage is destroyed and refused."""
@@ -382,7 +394,8 @@ def _generate_keypair(session: Any, name: str, key_type: str) -> None:
         return
 
 
-def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] = ()) -> TokenKey:
+def generate_key(session: p11t.Session, name: str, key_type: str,
+                 usage: tuple[str, ...] = ()) -> TokenKey:
     """Generate a key inside the token (sensitive, non-extractable, only `usage`).
 
     Raises:
@@ -423,7 +436,7 @@ def generate_key(session: Any, name: str, key_type: str, usage: tuple[str, ...] 
 
 
 def import_key(
-    session: Any, name: str, key_type: str, material: bytes | bytearray,
+    session: p11t.Session, name: str, key_type: str, material: bytes | bytearray,
     usage: tuple[str, ...] = (), *, source: str = "key file", wrappable: bool = False,
 ) -> TokenKey:
     """Import an espsecure key file (raw AES bytes, or a PEM private key) into the token.
@@ -474,8 +487,8 @@ def import_key(
     return find_key(session, name)
 
 
-def _create_secret(session: Any, label: str, value: bytes, usage: tuple[str, ...],
-                   template: dict[Attribute, Any] | None = None) -> Any:
+def _create_secret(session: p11t.Session, label: str, value: bytes, usage: tuple[str, ...],
+                   template: AttributeTemplate | None = None) -> p11t.Object:
     """One AES key object from raw bytes. CKA_VALUE_LEN is given where the token takes it
     (openCryptoki does not derive it from the value, and the key's size is read from it)."""
     base = {
@@ -492,7 +505,8 @@ def _create_secret(session: Any, label: str, value: bytes, usage: tuple[str, ...
         return session.create_object(base)
 
 
-def _load_private_pem(material: bytes | bytearray, key_type: str, source: str) -> Any:
+def _load_private_pem(material: bytes | bytearray, key_type: str,
+                      source: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -511,12 +525,13 @@ def _load_private_pem(material: bytes | bytearray, key_type: str, source: str) -
     return private
 
 
-def _create_private(session: Any, name: str, key_id: bytes, key_type: str, private: Any) -> None:
+def _create_private(session: p11t.Session, name: str, key_id: bytes, key_type: str,
+                    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> None:
     def be(v: int) -> bytes:
         return v.to_bytes((v.bit_length() + 7) // 8 or 1, "big")
 
     common = {Attribute.LABEL: name, Attribute.ID: key_id}
-    if key_type == "rsa-3072":
+    if isinstance(private, rsa.RSAPrivateKey):  # key_type "rsa-3072" (_load_private_pem)
         pn = private.private_numbers()
         pub = pn.public_numbers
         session.create_object({

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pkcs11.exceptions as p11x
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
@@ -27,6 +27,12 @@ from pkcs11.constants import DEFAULT
 
 from hsmflash.errors import Error, TokenError
 from hsmflash.fileio import atomic_write
+
+if TYPE_CHECKING:
+    import pkcs11.types as p11t
+
+    from hsmflash.formats.primitives import PublicKey
+    from hsmflash.token.session import TokenConfig
 
 PROFILE_VERSION = 1
 
@@ -83,7 +89,8 @@ class _DerivationString(ctypes.Structure):
     _fields_ = (("data", ctypes.c_void_p), ("length", ctypes.c_ulong))
 
 
-def xor_derive(base: Any, data: bytes, template: dict[Attribute, Any], bits: int = 256) -> Any:
+def xor_derive(base: p11t.DeriveMixin, data: bytes, template: dict[Attribute, bool],
+               bits: int = 256) -> p11t.SecretKey:
     """`C_DeriveKey(base, CKM_XOR_BASE_AND_DATA, data)`: a new session key `base XOR data`.
 
     python-pkcs11 builds the CK_KEY_DERIVATION_STRING_DATA struct only for
@@ -106,10 +113,10 @@ def xor_derive(base: Any, data: bytes, template: dict[Attribute, Any], bits: int
         del buf
 
 
-def session_secret_template(*flags: Attribute) -> dict[Attribute, Any]:
+def session_secret_template(*flags: Attribute) -> dict[Attribute, bool]:
     """A throwaway AES session key template that sets only what must be set."""
-    tpl: dict[Attribute, Any] = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
-                                 Attribute.EXTRACTABLE: False}
+    tpl: dict[Attribute, bool] = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
+                                  Attribute.EXTRACTABLE: False}
     for f in flags:
         tpl[f] = True
     return tpl
@@ -161,7 +168,7 @@ def capability_refusal(label: str, capability: str, purpose: str,
         f"instead: {instead or default_instead} (see `hsmflash token info`)")
 
 
-def token_identity(config: Any) -> dict[str, str]:
+def token_identity(config: TokenConfig) -> dict[str, str]:
     """Module path, label, serial, manufacturer, model, firmware: the cache key's parts."""
     token = config.token()
     slot = token.slot
@@ -199,7 +206,7 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
-def load_profile(config: Any, session: Any, *, cache: Path | None = None,
+def load_profile(config: TokenConfig, session: p11t.Session, *, cache: Path | None = None,
                  refresh: bool = False) -> Profile:
     """The token's profile: from the cache, else probed now (logged-in session) and cached.
 
@@ -224,7 +231,7 @@ def load_profile(config: Any, session: Any, *, cache: Path | None = None,
     return profile
 
 
-def cached_profile(config: Any, *, cache: Path | None = None) -> Profile | None:
+def cached_profile(config: TokenConfig, *, cache: Path | None = None) -> Profile | None:
     """The cached profile, if any, without logging in (for `token info` with no PIN)."""
     ident = token_identity(config)
     entry = _read_cache(cache or default_cache_path()).get(_cache_key(ident))
@@ -235,7 +242,7 @@ def cached_profile(config: Any, *, cache: Path | None = None) -> Profile | None:
 
 
 # -- the probes -------------------------------------------------------------------------------
-def verify_digest(public: Any, signature: bytes, digest: bytes) -> bool:
+def verify_digest(public: PublicKey, signature: bytes, digest: bytes) -> bool:
     """Check a raw token signature (RSA-PSS salt 32, or ECDSA r||s) over a host digest."""
     from hsmflash.formats.primitives import verify_digest_signature
 
@@ -253,11 +260,11 @@ def _aes_ecb(key: bytes, data: bytes) -> bytes:
     return enc.update(data) + enc.finalize()
 
 
-def probe(session: Any, ident: dict[str, str]) -> Profile:
+def probe(session: p11t.Session, ident: dict[str, str]) -> Profile:
     """Try every path on throwaway session objects; nothing is left in the token."""
     results: dict[str, bool] = {}
     notes: dict[str, str] = {}
-    made: list[Any] = []
+    made: list[p11t.Object] = []
 
     def attempt(name: str, fn: Callable[[], None]) -> bool:
         try:
@@ -275,7 +282,7 @@ def probe(session: Any, ident: dict[str, str]) -> Profile:
         return results[name]
 
     known = secrets.token_bytes(32)
-    keys: dict[str, Any] = {}
+    keys: dict[str, p11t.Object] = {}
 
     def gen_aes() -> None:
         keys["gen"] = session.generate_key(
@@ -300,28 +307,34 @@ def probe(session: Any, ident: dict[str, str]) -> Profile:
         def xts() -> None:
             if base is None:
                 raise _Wrong("no AES key could be made (generate and import both refused)")
-            out = bytes(base.encrypt(block, mechanism=Mechanism.AES_ECB))
+            # made with CKA_ENCRYPT and CKA_DERIVE, so python-pkcs11 built it with those
+            # mixins; bytes in, bytes out (its stub also allows an iterator)
+            enc = cast("p11t.EncryptMixin", base).encrypt(block, mechanism=Mechanism.AES_ECB)
+            out = bytes(cast(bytes, enc))
             if value is not None and out != _aes_ecb(value, block):
                 raise _Wrong("AES-ECB output differs from the reference")
 
-        def check_derived(obj: Any, expected_key: bytes | None) -> None:
+        def check_derived(obj: p11t.SecretKey, expected_key: bytes | None) -> None:
             made.append(obj)
-            out = bytes(obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB))
+            enc = cast("p11t.EncryptMixin", obj).encrypt(  # derived with CKA_ENCRYPT
+                bytes(16), mechanism=Mechanism.AES_ECB)
+            out = bytes(cast(bytes, enc))
             if expected_key is not None and out != _aes_ecb(expected_key, bytes(16)):
                 raise _Wrong("derived key differs from the reference")
 
         def derive_ecb() -> None:
             if base is None:
                 raise _Wrong("no AES key could be made")
-            obj = base.derive_key(KeyType.AES, 256, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
-                                  mechanism_param=block,
-                                  template=session_secret_template(Attribute.ENCRYPT))
+            obj = cast("p11t.DeriveMixin", base).derive_key(
+                KeyType.AES, 256, mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
+                mechanism_param=block, template=session_secret_template(Attribute.ENCRYPT))
             check_derived(obj, _aes_ecb(value, block) if value is not None else None)
 
         def derive_xor() -> None:
             if base is None:
                 raise _Wrong("no AES key could be made")
-            obj = xor_derive(base, block, session_secret_template(Attribute.ENCRYPT))
+            obj = xor_derive(cast("p11t.DeriveMixin", base), block,
+                             session_secret_template(Attribute.ENCRYPT))
             expected = bytes(a ^ b for a, b in zip(value, block, strict=True)) if value else None
             check_derived(obj, expected)
 
@@ -338,12 +351,12 @@ def probe(session: Any, ident: dict[str, str]) -> Profile:
 
     digest32 = hashlib.sha256(b"hsmflash probe").digest()
     digest48 = hashlib.sha384(b"hsmflash probe").digest()
-    pairs: dict[str, tuple[Any, Any]] = {}
+    pairs: dict[str, tuple[p11t.PublicKey, p11t.PrivateKey]] = {}
     _GENERATE = {"rsa": "rsa_3072_generate", "p256": "ec_p256_generate",  # noqa: N806
                  "p384": "ec_p384_generate"}
 
     def keypair(name: str, key_type: KeyType, bits: int, params: bytes | None) -> None:
-        pub_tpl: dict[Attribute, Any] = dict(KEYPAIR_PUBLIC_MINIMAL)
+        pub_tpl: dict[Attribute, object] = dict(KEYPAIR_PUBLIC_MINIMAL)
         if params is not None:
             pub_tpl[Attribute.EC_PARAMS] = params
         else:
@@ -372,7 +385,8 @@ def probe(session: Any, ident: dict[str, str]) -> Profile:
                 raise _Wrong("no key pair could be generated")
             from hsmflash.token.keys import public_from_object
 
-            pub, priv = pairs[name]
+            pub, pair_private = pairs[name]
+            priv = cast("p11t.SignMixin", pair_private)  # made with CKA_SIGN
             if key_type == "rsa-3072":
                 sig = bytes(priv.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS,
                                       mechanism_param=(Mechanism.SHA256, MGF.SHA256, 32)))
@@ -417,10 +431,11 @@ def probe(session: Any, ident: dict[str, str]) -> Profile:
 # Key-pair templates that set only what must be set: tpm2-pkcs11 checks a template against the
 # TPM's own view of the key and rejects explicit false usage flags ("attr mismatch").
 # (a public template with CKA_VERIFY=true even gives the private key CKA_DECRYPT=true there).
-KEYPAIR_PUBLIC_MINIMAL: dict[Attribute, Any] = {
+# (values: True or python-pkcs11's DEFAULT sentinel, which its constants type as object)
+KEYPAIR_PUBLIC_MINIMAL: dict[Attribute, object] = {
     Attribute.VERIFY: DEFAULT, Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT,
 }
-KEYPAIR_PRIVATE_MINIMAL: dict[Attribute, Any] = {
+KEYPAIR_PRIVATE_MINIMAL: dict[Attribute, object] = {
     Attribute.SIGN: True, Attribute.DECRYPT: DEFAULT, Attribute.UNWRAP: DEFAULT,
     Attribute.DERIVE: DEFAULT,
 }

@@ -17,13 +17,17 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsmflash.errors import TokenError
 from hsmflash.formats import kdf
 from hsmflash.keyuse import split_for_purpose
+
+if TYPE_CHECKING:
+    import pkcs11._pkcs11
+    import pkcs11.types as p11t
 
 _ZERO16 = (ctypes.c_ubyte * 16)()
 _CKR_MECHANISM_INVALID = 0x70
@@ -36,6 +40,9 @@ class _Mechanism(ctypes.Structure):
 
 class _DerivationString(ctypes.Structure):
     _fields_ = (("data", ctypes.c_char_p), ("length", ctypes.c_ulong))
+
+
+_CValue = ctypes.c_ubyte | ctypes.c_ulong  # an attribute value in a C template
 
 
 class _Attribute(ctypes.Structure):
@@ -92,7 +99,7 @@ class _SessionInfo(ctypes.Structure):
                 ("device_error", ctypes.c_ulong))
 
 
-def _loaded_function_list(lib: Any) -> Any:
+def _loaded_function_list(lib: pkcs11._pkcs11.lib | None) -> FunctionList | None:
     """The CK_FUNCTION_LIST python-pkcs11 itself calls through: `pkcs11.lib` is a Cython
     object whose first C field (right after the object header, no vtable in its base) is that
     pointer. Only trusted after `_holds_session` confirms it knows our session."""
@@ -103,7 +110,7 @@ def _loaded_function_list(lib: Any) -> Any:
     return ctypes.cast(address, ctypes.POINTER(FunctionList)).contents if address else None
 
 
-def _holds_session(functions: Any, session_handle: int) -> bool:
+def _holds_session(functions: FunctionList | None, session_handle: int) -> bool:
     """Whether this function list's module instance knows the session (C_GetSessionInfo)."""
     if functions is None or not functions.C_GetSessionInfo:
         return False
@@ -113,7 +120,8 @@ def _holds_session(functions: Any, session_handle: int) -> bool:
     return bool(get_info(session_handle, ctypes.byref(info)) == 0)
 
 
-def function_list(module_path: str, lib: Any = None, session_handle: int | None = None) -> Any:
+def function_list(module_path: str, lib: pkcs11._pkcs11.lib | None = None,
+                  session_handle: int | None = None) -> FunctionList:
     """The CK_FUNCTION_LIST that holds `session_handle`: python-pkcs11's own (p11-kit's proxy
     and client hand out a separate instance per C_GetFunctionList call), else the module's
     through C_GetFunctionList, the one symbol every module exports (proxies export no other
@@ -148,7 +156,7 @@ def function_list(module_path: str, lib: Any = None, session_handle: int | None 
     return functions
 
 
-def c_function(functions: Any, name: str) -> Any:
+def c_function(functions: FunctionList, name: str) -> Any:
     """A callable for one entry of a CK_FUNCTION_LIST.
 
     Raises:
@@ -160,6 +168,17 @@ def c_function(functions: Any, name: str) -> Any:
     return ctypes.CFUNCTYPE(_CK_RV, *_SIGNATURES[name])(address)
 
 
+def _session_handle(session: p11t.Session) -> int:
+    """The session's CK_SESSION_HANDLE (a Cython attribute python-pkcs11's stub leaves out)."""
+    return int(session.handle)  # type: ignore[attr-defined]
+
+
+def _object_handle(obj: p11t.Object) -> int:
+    """A token or session object's CK_OBJECT_HANDLE (the stub's None is for local domain
+    parameters, which never come here)."""
+    return int(cast(int, obj.handle))
+
+
 class RawDeriver:
     """KCVs of derived per-device keys, straight through the PKCS#11 C API.
 
@@ -167,23 +186,23 @@ class RawDeriver:
         TokenError: the module has no function list or lacks a function the batch path needs.
     """
 
-    def __init__(self, module_path: str, session: Any, master: Any, label: str = "?",
-                 lib: Any = None) -> None:
+    def __init__(self, module_path: str, session: p11t.Session, master: p11t.Key,
+                 label: str = "?", lib: pkcs11._pkcs11.lib | None = None) -> None:
         self._label = label
-        functions = function_list(module_path, lib, int(session.handle))
+        functions = function_list(module_path, lib, _session_handle(session))
         self._functions = functions
         self._derive = c_function(functions, "C_DeriveKey")
         self._encrypt_init = c_function(functions, "C_EncryptInit")
         self._encrypt = c_function(functions, "C_Encrypt")
         self._destroy = c_function(functions, "C_DestroyObject")
-        self._session = ctypes.c_ulong(int(session.handle))
-        self._master = ctypes.c_ulong(int(master.handle))
-        self._keep: list[Any] = []
-        self._templates: dict[int, Any] = {}
+        self._session = ctypes.c_ulong(_session_handle(session))
+        self._master = ctypes.c_ulong(_object_handle(master))
+        self._keep: list[_CValue] = []
+        self._templates: dict[int, ctypes.Array[_Attribute]] = {}
         self._ecb = _Mechanism(int(Mechanism.AES_ECB), None, 0)
         self._mech = int(Mechanism.AES_ECB_ENCRYPT_DATA)
 
-    def _template(self, length: int) -> Any:
+    def _template(self, length: int) -> ctypes.Array[_Attribute]:
         if length not in self._templates:
             bools = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
                      Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True,
@@ -191,7 +210,8 @@ class RawDeriver:
                      Attribute.UNWRAP: False, Attribute.SIGN: False, Attribute.VERIFY: False}
             ulongs = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
                       Attribute.VALUE_LEN: length}
-            items: list[tuple[int, Any]] = [(int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
+            items: list[tuple[int, _CValue]] = [
+                (int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
             items += [(int(a), ctypes.c_ulong(int(v))) for a, v in ulongs.items()]
             tpl = (_Attribute * len(items))()
             for i, (attr, buf) in enumerate(items):
@@ -245,8 +265,8 @@ class RawDeriver:
 
 
 def _attribute_template(bools: dict[Attribute, bool], ulongs: dict[Attribute, int],
-                        keep: list[Any]) -> Any:
-    items: list[tuple[int, Any]] = [(int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
+                        keep: list[_CValue]) -> ctypes.Array[_Attribute]:
+    items: list[tuple[int, _CValue]] = [(int(a), ctypes.c_ubyte(v)) for a, v in bools.items()]
     items += [(int(a), ctypes.c_ulong(int(v))) for a, v in ulongs.items()]
     tpl = (_Attribute * len(items))()
     for i, (attr, buf) in enumerate(items):
@@ -266,17 +286,18 @@ class RawXorCipher:
         TokenError: no function list holds the session, or a function is missing.
     """
 
-    def __init__(self, module_path: str, session: Any, base: Any, lib: Any = None) -> None:
-        functions = function_list(module_path, lib, int(session.handle))
+    def __init__(self, module_path: str, session: p11t.Session, base: p11t.Key,
+                 lib: pkcs11._pkcs11.lib | None = None) -> None:
+        functions = function_list(module_path, lib, _session_handle(session))
         self._derive = c_function(functions, "C_DeriveKey")
         self._init = {False: c_function(functions, "C_DecryptInit"),
                       True: c_function(functions, "C_EncryptInit")}
         self._run = {False: c_function(functions, "C_Decrypt"),
                      True: c_function(functions, "C_Encrypt")}
         self._destroy = c_function(functions, "C_DestroyObject")
-        self._session = ctypes.c_ulong(int(session.handle))
-        self._base = ctypes.c_ulong(int(base.handle))
-        self._keep: list[Any] = []
+        self._session = ctypes.c_ulong(_session_handle(session))
+        self._base = ctypes.c_ulong(_object_handle(base))
+        self._keep: list[_CValue] = []
         self._tpl = _attribute_template(
             {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
              Attribute.ENCRYPT: True, Attribute.DECRYPT: True},

@@ -14,13 +14,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
 import pkcs11.exceptions as p11x
 from pkcs11 import Mechanism
 
 from hsmflash.errors import Error, InputError, TokenError
+
+if TYPE_CHECKING:
+    import pkcs11._pkcs11
+    import pkcs11.types as p11t
 
 PinHandler = Callable[[str], str]
 """Called with a prompt naming the token; returns the user PIN."""
@@ -138,14 +142,14 @@ class TokenConfig:
     module: str | None = None
     token_label: str | None = None
     pin_handler: PinHandler | None = None
-    _lib: Any = field(default=None, repr=False)
-    _token: Any = field(default=None, repr=False)
+    _lib: pkcs11._pkcs11.lib | None = field(default=None, repr=False)
+    _token: p11t.Token | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return self.token_label or DEFAULT_TOKEN_LABEL
 
-    def lib(self) -> Any:
+    def lib(self) -> pkcs11._pkcs11.lib:
         """Load the module once per process.
 
         Raises:
@@ -173,7 +177,7 @@ class TokenConfig:
     def is_softhsm(self) -> bool:
         return _is_softhsm(self.module_path)
 
-    def token(self) -> Any:
+    def token(self) -> p11t.Token:
         """Find the token by label (once; later calls return the same token).
 
         Raises:
@@ -233,7 +237,8 @@ def wrap_pkcs11(e: BaseException, what: str) -> TokenError:
     return TokenError(f"{what}: PKCS#11 error {type(e).__name__}{': ' + detail if detail else ''}")
 
 
-def _log_in(token: Any, rw: bool, pin: str | None, *, retry_general_error: bool) -> Any:
+def _log_in(token: p11t.Token, rw: bool, pin: str | None, *,
+            retry_general_error: bool) -> p11t.Session:
     """Open a session and log in; a wrong PIN is never retried."""
     for attempt in range(_RETRY_ATTEMPTS):
         try:
@@ -251,7 +256,8 @@ def _log_in(token: Any, rw: bool, pin: str | None, *, retry_general_error: bool)
 
 
 @contextmanager
-def open_session(config: TokenConfig, *, rw: bool = False, login: bool = True) -> Iterator[Any]:
+def open_session(config: TokenConfig, *, rw: bool = False,
+                 login: bool = True) -> Iterator[p11t.Session]:
     """The one way hsmflash opens a session: find the token, ask the PIN once, log in.
 
     Raises:
