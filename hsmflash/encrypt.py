@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsmflash.chips import (
     ESP32_AES256,
@@ -24,6 +24,11 @@ from hsmflash.errors import InputError, InternalError, TokenError
 from hsmflash.formats import flashcrypt, kdf
 from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
 from hsmflash.token.keys import TokenKey
+
+if TYPE_CHECKING:
+    import pkcs11.types as p11t
+
+    from hsmflash.token.session import TokenConfig
 
 PATH_XTS = "xts-in-token"
 PATH_ESP32_XOR = "esp32-xor-in-token"
@@ -298,7 +303,8 @@ def _check_stored_esp32_key(st: Station, key: TokenKey, xor_in_token: bool) -> b
 _XOR_BATCH_BLOCKS = 4096
 
 
-def esp32_xor_in_token(config: Any, session: Any, base: Any, data: bytes, address: int,
+def esp32_xor_in_token(config: TokenConfig, session: p11t.Session, base: p11t.Key, data: bytes,
+                       address: int,
                        crypt_config: int, decrypt: bool) -> bytes:
     """ESP32 classic with each 32-byte block's key derived in the token as `base XOR tweak`
     (CKM_XOR_BASE_AND_DATA); `base` is the 32-byte flash key, never read out.

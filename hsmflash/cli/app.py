@@ -163,7 +163,7 @@ def bootcode_cmd(
     from hsmflash.app.bootcode import make_bootcode
     from hsmflash.errors import InputError, UsageError
     from hsmflash.fileio import atomic_write, read_input
-    from hsmflash.formats.primitives import load_public_key
+    from hsmflash.formats.primitives import PublicKey, load_public_key
     from hsmflash.token.keys import find_key
     from hsmflash.token.session import KeyRef, open_session
 
@@ -176,7 +176,7 @@ def bootcode_cmd(
     if not out_dir.parent.is_dir():
         raise InputError(f"output {output!r}: directory {str(out_dir.parent)!r} does not exist")
     if pubkey is not None:
-        pub: Any = load_public_key(read_input(pubkey, "public key"), str(pubkey))
+        pub: PublicKey = load_public_key(read_input(pubkey, "public key"), str(pubkey))
         name = Path(pubkey).stem
     else:
         cfg = c.token_config()

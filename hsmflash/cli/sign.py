@@ -92,7 +92,7 @@ def verify_cmd(
     """Verify a Secure Boot V2/V1 signature (exit 6 when it does not verify)."""
 
     from hsmflash.fileio import read_input
-    from hsmflash.formats.primitives import load_public_key
+    from hsmflash.formats.primitives import PublicKey, load_public_key
     from hsmflash.formats.secureboot import verify_image
 
     c = ctx_of(ctx)
@@ -100,7 +100,7 @@ def verify_cmd(
         raise UsageError("give exactly one of --key NAME or --pubkey PEM")
     data = read_input(image, "image")
     if pubkey is not None:
-        pub: Any = load_public_key(read_input(pubkey, "public key"), str(pubkey))
+        pub: PublicKey = load_public_key(read_input(pubkey, "public key"), str(pubkey))
     else:
         from hsmflash.token.keys import find_key
         from hsmflash.token.session import KeyRef, open_session

@@ -1,6 +1,8 @@
 """`hsmflash token ...`: the PKCS#11 module and token, and what it can do."""
 
-from typing import Annotated, Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -9,6 +11,9 @@ from hsmflash.errors import (
     InputError,
     TokenError,
 )
+
+if TYPE_CHECKING:
+    import pkcs11.types as p11t
 
 token_app = typer.Typer(help="Inspect the PKCS#11 module and token.", no_args_is_help=True)
 
@@ -120,7 +125,7 @@ def token_info(
     c.emit(info, human)
 
 
-def _audit_key_in_use(session: Any, name: str) -> dict[str, Any] | None:
+def _audit_key_in_use(session: p11t.Session, name: str) -> dict[str, Any] | None:
     from hsmflash.token.keys import find_key, key_exists
 
     if not key_exists(session, name):

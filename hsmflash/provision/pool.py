@@ -15,9 +15,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsmflash.errors import Error, InternalError
+
+if TYPE_CHECKING:
+    from hsmflash.provision.plan import DeviceResult
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class DeviceJob:
     allow_rewrite: tuple[str, ...] = ()  # flash: protected regions the user named
 
 
-def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
+def run_job(job: DeviceJob, progress: Callable[[str], None]) -> DeviceResult | Error:
     """Provision or re-flash one device; returns its DeviceResult or the hsmflash Error."""
     from hsmflash.chips import get_chip
     from hsmflash.device import open_device
@@ -86,11 +89,12 @@ def run_job(job: DeviceJob, progress: Callable[[str], None]) -> Any:
         return e
 
 
-def _worker(job: DeviceJob, queue: Any) -> Any:
+def _worker(job: DeviceJob, queue: Any) -> DeviceResult | Error:
     return run_job(job, lambda text: queue.put((job.name, text)))
 
 
-def run_jobs(jobs: list[DeviceJob], progress: Callable[[str, str], None]) -> list[Any]:
+def run_jobs(jobs: list[DeviceJob], progress: Callable[[str, str], None]
+             ) -> list[DeviceResult | Error]:
     """Run jobs in parallel worker processes (one job: in this process).
 
     `progress(name, text)` is called from a thread of this process.
@@ -113,7 +117,7 @@ def run_jobs(jobs: list[DeviceJob], progress: Callable[[str, str], None]) -> lis
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        results: list[Any] = []
+        results: list[DeviceResult | Error] = []
         try:
             with ProcessPoolExecutor(min(len(jobs), 16), mp_context=ctx) as pool:
                 futures = [pool.submit(_worker, job, queue) for job in jobs]
