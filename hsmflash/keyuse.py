@@ -141,14 +141,6 @@ class DerivedKey:
         self.objects = []
 
 
-def split_for_purpose(purpose: str) -> list[int]:
-    """How many X_i blocks go into each token object for a purpose."""
-    n = kdf.key_length(purpose) // 16
-    if purpose in ("XTS_AES_128_KEY", "XTS_AES_256_KEY", "NVS_KEYS"):
-        return [n // 2, n // 2]  # K1 (data/first half) and K2 (tweak/second half)
-    return [n]
-
-
 def _store_no_usage_key(session: p11t.Session, label: str, ident: bytes) -> None:
     """A token object that holds `ident` in its CKA_ID: a small AES key with no usage at all,
     for tokens that refuse data objects (NSS)."""
@@ -421,7 +413,7 @@ class KeyUse(MutableMapping[str, Any]):
         base = cast("p11t.DeriveMixin", master.primary)  # check_master: CKA_DERIVE
         i = 0
         try:
-            for n in split_for_purpose(purpose):
+            for n in kdf.split_for_purpose(purpose):
                 data = b"".join(blocks[i:i + n])
                 i += n
                 objects.append(base.derive_key(

@@ -94,3 +94,11 @@ def derivation_blocks(device: bytes, purpose: str) -> list[bytes]:
         _DOMAIN + purpose.encode("ascii") + b"\x00" + device + length.to_bytes(2, "big")
     ).digest()
     return [h[:15] + bytes([i]) for i in range(1, length // 16 + 1)]
+
+
+def split_for_purpose(purpose: str) -> list[int]:
+    """How many X_i blocks go into each token object for a purpose."""
+    n = key_length(purpose) // 16
+    if purpose in ("XTS_AES_128_KEY", "XTS_AES_256_KEY", "NVS_KEYS"):
+        return [n // 2, n // 2]  # K1 (data/first half) and K2 (tweak/second half)
+    return [n]

@@ -23,7 +23,6 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsmflash.errors import TokenError
 from hsmflash.formats import kdf
-from hsmflash.keyuse import split_for_purpose
 
 if TYPE_CHECKING:
     import pkcs11._pkcs11
@@ -232,7 +231,7 @@ class RawDeriver:
         handle, out, out_len = ctypes.c_ulong(), (ctypes.c_ubyte * 16)(), ctypes.c_ulong()
         kcvs = []
         i = 0
-        for n in split_for_purpose(purpose):
+        for n in kdf.split_for_purpose(purpose):
             data = b"".join(blocks[i:i + n])
             i += n
             param = _DerivationString(data, len(data))
