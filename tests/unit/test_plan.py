@@ -218,3 +218,12 @@ def test_unknown_harden_efuse_and_shared_hmac_block_are_input_errors(
                                             nvs_hmac_key_block="BLOCK_KEY1"))
         with pytest.raises(InputError, match="nvs_hmac_key_block BLOCK_KEY1 is also used"):
             plan_for(shared, efuse, replace(S3_EXPECTED, hmac_kcv=kcv(OTHER_KEY)))
+
+
+def test_the_planner_loads_no_token_code() -> None:
+    code = ("import sys, hsmflash.provision.plan, hsmflash.provision.inputs; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pkcs11', 'hsmflash') "
+            "and m.startswith(('pkcs11', 'hsmflash.token', 'hsmflash.keyuse'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
