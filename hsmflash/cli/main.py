@@ -17,6 +17,7 @@ from hsmflash.cli.context import DEFAULT_AUDIT_LOG, Context
 from hsmflash.errors import (
     CHECKPOINT_FAILED,
     Error,
+    UsageError,
 )
 
 app = typer.Typer(
@@ -105,7 +106,8 @@ def main_options(
     )
 
 
-GLOBAL_VALUE_OPTIONS = frozenset({"--module", "--token", "--pin-file", "--policy", "--audit-log"})
+GLOBAL_VALUE_OPTIONS = {"--module": "PATH", "--token": "LABEL", "--pin-file": "FILE",
+                        "--policy": "FILE", "--audit-log": "FILE"}
 
 
 GLOBAL_FLAGS = frozenset({"--json", "--debug"})
@@ -116,9 +118,14 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 
     `hsmflash provision --policy P ...` then means `hsmflash --policy P provision ...`. Only
     the global options' own names move (no command has an option of the same name); nothing
-    after a `--` moves.
+    after a `--` moves. They go in after those written before the command, so, as for any
+    option, the last one given wins.
+
+    Raises:
+        UsageError: a global option after the command without its value.
     """
-    head: list[str] = []
+    head: list[str] = []  # up to the command name
+    late: list[str] = []  # global options written after it, in order
     rest: list[str] = []
     seen_command = False
     args = iter(argv)
@@ -129,25 +136,28 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             break
         name = arg.split("=", 1)[0]
         if not seen_command:
-            head.append(arg)
             if name in GLOBAL_VALUE_OPTIONS and "=" not in arg:
+                head.append(arg)
                 value = next(args, None)
                 if value is not None:
                     head.append(value)
-            elif not arg.startswith("-"):
-                seen_command = True
+            else:
+                seen_command = not arg.startswith("-")
+                (rest if seen_command else head).append(arg)
             continue
         if name in GLOBAL_VALUE_OPTIONS:
             if "=" in arg:
-                head.insert(0, arg)
-            else:
-                value = next(args, None)
-                head[0:0] = [arg] if value is None else [arg, value]
+                late.append(arg)
+                continue
+            value = next(args, None)
+            if value is None:
+                raise UsageError(f"option {arg} needs a value: {arg} {GLOBAL_VALUE_OPTIONS[arg]}")
+            late += [arg, value]
         elif arg in GLOBAL_FLAGS:
-            head.insert(0, arg)
+            late.append(arg)
         else:
             rest.append(arg)
-    return head + rest
+    return head + late + rest
 
 
 def _app_for(argv: list[str]) -> typer.Typer:

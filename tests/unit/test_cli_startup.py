@@ -10,9 +10,9 @@ from hsmflash.cli.main import GLOBAL_VALUE_OPTIONS, _app_for, app
 
 def test_global_value_options_are_the_apps() -> None:
     group = typer.main.get_command(app)
-    taking_value = {opt for p in group.params if not getattr(p, "is_flag", True)
+    taking_value = {opt: p.metavar for p in group.params if not getattr(p, "is_flag", True)
                     for opt in p.opts}
-    assert taking_value == GLOBAL_VALUE_OPTIONS
+    assert taking_value == GLOBAL_VALUE_OPTIONS  # names and the metavars errors show
 
 
 def _names(a: typer.Typer) -> list[str | None]:
@@ -55,7 +55,7 @@ def test_global_options_after_the_command_are_hoisted() -> None:
     assert hoist_global_options(["provision", "--policy", "p.toml", "--chip", "esp32s3"]) == [
         "--policy", "p.toml", "provision", "--chip", "esp32s3"]
     assert hoist_global_options(["keys", "create", "--policy=p.toml", "--json"]) == [
-        "--json", "--policy=p.toml", "keys", "create"]
+        "--policy=p.toml", "--json", "keys", "create"]
     # before the command they stay where they are; after `--` nothing moves
     assert hoist_global_options(["--token", "t", "sign", "--", "--json"]) == [
         "--token", "t", "sign", "--", "--json"]
@@ -63,6 +63,13 @@ def test_global_options_after_the_command_are_hoisted() -> None:
 
 def test_global_options_work_after_the_command(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from conftest import ROOT
+
+    # given before and after the command, the last one wins (as for any option)
+    r = cli("--token", "first-token", "keys", "list", "--token", "last-token")
+    assert r.code == 4 and "last-token" in r.err and "first-token" not in r.err
+    # a global option at the end without its value is a usage error, not another command
+    r = cli("audit", "verify", "log.jsonl", "--audit-log")
+    assert r.code == 2 and "--audit-log needs a value" in r.err
 
     r = cli("policy", "check", ROOT / "policies" / "dev.toml", "--json")
     assert r.code == 0, r.err
