@@ -40,8 +40,9 @@ def sign_cmd(
 ) -> None:
     """Sign a firmware image for Secure Boot with a key that never leaves the token.
 
-    The output passes `espsecure verify-signature`; its block layout is espsecure's, byte for
-    byte (the signature itself is randomised: PSS salt, ECDSA nonce).
+    The output passes `espsecure verify-signature`; everything but the signature (and, for
+    SBv2, the CRC over it) is what espsecure writes, byte for byte. The signature is
+    randomised (PSS salt, ECDSA nonce), as espsecure's SBv2 signatures are too.
     The chip is read from the image header when --chip is not given.
     """
     from hsmflash.chips import get_chip
