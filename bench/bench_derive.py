@@ -7,7 +7,7 @@ imported random AES-256 key (CKA_DERIVE only, a token object like `keys create` 
 software figures can be checked against the token's KCVs. Rates, per device (= 2 C_DeriveKey):
   library        keyuse.KeyUse.derive + DerivedKey.kcvs + destroy (batch encryption's path)
   what-if        the library path with TokenKey.usage read once (a recommended change)
-  library+audit  perdevice.derive_kcv (`hsmflash derive`: Station.use, 2 fsync'd records)
+  library+audit  derive.derive_kcv (`hsmflash derive`: Station.use, 2 fsync'd records)
   python-pkcs11  derive_key x2 + destroy x2 with hsmflash's template (the binding's floor)
   batch path     hsmflash.token.rawderive (`derive --devices`): the same C_DeriveKey / KCV
                  C_Encrypt / C_DestroyObject through the C API on the session python-pkcs11
@@ -129,7 +129,7 @@ def main() -> None:
     with throwaway_token(TOKEN_LABEL) as (tmp, pin):
         from pkcs11 import Attribute, KeyType, Mechanism
 
-        from hsmflash.encrypt import derive_kcv
+        from hsmflash.derive import derive_kcv
         from hsmflash.formats import kdf
         from hsmflash.keyuse import Station
         from hsmflash.policy import unrestricted_policy
@@ -195,7 +195,7 @@ def main() -> None:
                     (lambda: software_peer(master_bytes, macs), n),
                 "library: KeyUse.derive+kcvs+destroy": (library, n),
                 "  what-if: library, usage read once": (library_usage_cached, n),
-                "library+audit: perdevice.derive_kcv": (library_audited, na),
+                "library+audit: derive.derive_kcv": (library_audited, na),
                 "python-pkcs11 floor: derive_key+destroy": (python_pkcs11, n),
                 "batch path: rawderive (C API) + KCVs": (
                     lambda: [raw.kcv(m, PURPOSE) for m in macs], n),
@@ -233,7 +233,7 @@ def main() -> None:
     print(f"derive (library path): {lib_rate:.0f}/s vs software peer {peer:.0f}/s "
           f"(ratio {lib_rate / peer:.3f}); target >= {TARGET:.0f}/s: {verdict}")
     print(f"derive (audited, hsmflash derive path): "
-          f"{med['library+audit: perdevice.derive_kcv']:.0f}/s")
+          f"{med['library+audit: derive.derive_kcv']:.0f}/s")
     print(f"derive floor: python-pkcs11 {med['python-pkcs11 floor: derive_key+destroy']:.0f}/s")
     batch = med["batch path: rawderive (C API) + KCVs"]
     print(f"derive (batch path, one process): {batch:.0f}/s vs software peer {peer:.0f}/s; "

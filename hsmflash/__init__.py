@@ -28,8 +28,11 @@ nothing below `cli/` prints, prompts or exits):
     keyuse.py              THE choke point: Station.use() checks the policy (and every export),
                            writes the intent, yields KeyUse (the only handle that signs,
                            encrypts, derives or exports), records the outcome
+    keys.py                capability: generate, import, create the policy's keys (audited)
+    derive.py              capability: per-device keys as KCVs, one device or a whole lot
     sign.py                capability: sign firmware images for Secure Boot
     encrypt.py             capability: encrypt/decrypt images for a device or a stored key
+                           (the one flash-encryption path from a derived key; batches)
     credentials.py         capability: per-device secrets and certificates in encrypted NVS
     ca.py                  capability: the device CA in the token, certificates, CRLs
     app/                   capability: the MicroPython app

@@ -10,7 +10,9 @@ used and wiped, and the export is audited with its KCV (invariant 3).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsmflash.chips import (
@@ -21,8 +23,9 @@ from hsmflash.chips import (
     Chip,
 )
 from hsmflash.errors import InputError, InternalError, TokenError
+from hsmflash.fileio import atomic_write
 from hsmflash.formats import flashcrypt, kdf
-from hsmflash.keyuse import DerivedKey, KeyUse, Station, check_master, wipe
+from hsmflash.keyuse import DerivedKey, KeyUse, Station, wipe
 from hsmflash.token.keys import TokenKey
 
 if TYPE_CHECKING:
@@ -85,31 +88,6 @@ def check_data(data: bytes, address: int, name: str) -> None:
         raise InputError(f"{name}: length {len(data)} is not a multiple of 16 (pad the image)")
 
 
-def derive_kcv(st: Station, master: TokenKey, device: bytes, purpose: str) -> str:
-    """Derive a device key in the token, audit it, return its KCV(s); nothing secret leaves.
-
-    Raises:
-        InputError, TokenError, PolicyRefused.
-    """
-    kdf.key_length(purpose)
-    kdf.check_device_id(device)
-    mac = kdf.format_mac(device)
-
-    def check() -> None:
-        if st.policy.chips:
-            st.policy.check_master(master.name)
-
-    with st.use("derive", master, subject={"device": mac},
-                detail={"purpose": purpose, "scheme": kdf.SCHEME}, check=check) as outcome:
-        derived = outcome.derive(device, purpose)
-        try:
-            kcv = derived.kcv
-        finally:
-            derived.destroy()
-        outcome["device_kcv"] = kcv
-    return kcv
-
-
 def _xts_ciphers(scheme: str, key: TokenKey) -> None:
     want = "xts-aes-128" if scheme == XTS_AES_128 else "xts-aes-256"
     if key.type != want:
@@ -137,7 +115,7 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
         if device is None:
             raise InputError("--master needs --device MAC")
         kdf.check_device_id(device)
-        check_master(master)
+        st.policy.check_master(master.name, chip.name if chip.name in st.policy.chips else None)
     if key is not None and scheme == XTS_AES_128_FROM_128:
         raise TokenError(
             f"{scheme} expands the 128-bit device key with SHA-256 outside the token, and "
@@ -160,8 +138,6 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     def check() -> None:
         if decrypt:
             policy.check_decrypt()
-        if master is not None and policy.chips:
-            policy.check_master(master.name, chip.name if chip.name in policy.chips else None)
 
     used = key if key is not None else master
     if used is None:
@@ -248,6 +224,35 @@ def crypt_derived(use: KeyUse, derived: DerivedKey, scheme: str,
     k1, k2 = derived.ciphers()
     fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
     return [fn(data, address, k1, k2) for address, data in regions]
+
+
+def encrypt_batch(st: Station, data: bytes, chip: Chip, address: int, master: TokenKey,
+                  macs: list[bytes], out_dir: Path, *, scheme: str | None, name: str,
+                  source: str) -> Iterator[dict[str, str]]:
+    """Encrypt one image for each device of a lot, a file per device in `out_dir`
+    (`AABBCCDDEEFF-0xADDR.bin`, written atomically, so a file present is complete and skipped
+    on a re-run). Yields one row per device as it goes (`status`: encrypted or skipped).
+
+    Raises:
+        PolicyRefused: more devices than the policy's batch limit (before any key use).
+        InputError: `out_dir` cannot be made; as `crypt_image`.
+    """
+    st.policy.check_batch(len(macs), source)
+    if not out_dir.is_dir():
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise InputError(f"--out-dir {str(out_dir)!r}: {e.strerror}") from None
+    for mac in macs:
+        device = kdf.format_mac(mac)
+        target = out_dir / f"{device.replace(':', '')}-{address:#x}.bin"
+        if target.exists():  # written atomically: present means complete
+            yield {"device": device, "output": str(target), "status": "skipped"}
+            continue
+        r = crypt_image(st, data, chip, address, master=master, device=mac, scheme=scheme,
+                        name=name)
+        atomic_write(target, r.output)
+        yield {"device": device, "output": str(target), "kcv": r.kcv, "status": "encrypted"}
 
 
 def efuse128_crypt(use: KeyUse, derived: DerivedKey, regions: list[tuple[int, bytes]],
@@ -341,39 +346,3 @@ def esp32_xor_in_token(config: TokenConfig, session: p11t.Session, base: p11t.Ke
             for i, o in enumerate(offsets):
                 out[o:o + 16] = res[16 * i:16 * i + 16][::-1]
     return bytes(out)
-
-
-def read_device_csv(path: Any) -> list[bytes]:
-    """MACs from a CSV (a `mac` column, or the first column; `#` comments, blank lines ok).
-
-    Raises:
-        InputError: unreadable file, a malformed MAC (names the line), duplicates, no devices.
-    """
-    import csv
-    import io
-
-    from hsmflash.fileio import read_input
-
-    text = read_input(path, "device CSV").decode("utf-8", errors="replace")
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].lstrip().startswith("#")]
-    if not rows:
-        raise InputError(f"{path}: no devices listed")
-    column = 0
-    header = [h.strip().lower() for h in rows[0]]
-    if "mac" in header:
-        column = header.index("mac")
-        rows = rows[1:]
-    macs: list[bytes] = []
-    seen: set[bytes] = set()
-    for lineno, row in enumerate(rows, start=2 if "mac" in header else 1):
-        if column >= len(row):
-            raise InputError(f"{path}: line {lineno} has no MAC column")
-        try:
-            mac = kdf.parse_mac(row[column])
-        except InputError as e:
-            raise InputError(f"{path}: line {lineno}: {e}") from None
-        if mac in seen:
-            raise InputError(f"{path}: line {lineno}: device {kdf.format_mac(mac)} listed twice")
-        seen.add(mac)
-        macs.append(mac)
-    return macs

@@ -6,6 +6,7 @@ held in the token as two AES-128 objects); a usage names the one kind of operati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from hsmflash.errors import InputError
@@ -43,7 +44,7 @@ DEFAULT_USAGE: dict[str, tuple[str, ...]] = {
     "ec-p384": ("sign",),
 }
 
-def check_type_usage(key_type: str, usage: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+def check_type_usage(key_type: str, usage: Sequence[str] | None) -> tuple[str, ...]:
     """Validate a key type and its usages; return the usages (defaults filled in).
 
     Raises:

@@ -585,7 +585,8 @@ class KeyUse(MutableMapping[str, Any]):
                     pass
 
 def check_master(master: TokenKey) -> None:
-    """The one check that a key can be an `aes-ecb-v1` derivation master.
+    """The one check that a key can be an `aes-ecb-v1` derivation master (run where the key
+    derives, inside its use; whether the policy names it is `Policy.check_master`, before).
 
     Raises:
         InputError: not an aes-256 key; TokenError: CKA_DERIVE is false.

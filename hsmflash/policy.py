@@ -189,7 +189,14 @@ class Policy:
             )
 
     def check_master(self, master: str, chip: str | None = None) -> None:
-        """Raise PolicyRefused unless `master` is a derivation master of this policy."""
+        """Raise PolicyRefused unless `master` is a derivation master of this policy (for
+        `chip`, when given). A policy without chip profiles names no masters.
+
+        Checked before a use opens, in every command that derives, so the same wrong master
+        is the same refusal everywhere; the key's type is checked where it derives.
+        """
+        if not self.chips:
+            return
         masters = {p.derive_master for p in self.chips.values()}
         if chip is not None:
             masters = {self.profile(chip).derive_master}
@@ -199,6 +206,13 @@ class Policy:
                 + (f" for {chip}" if chip else "")
                 + f" (allowed: {', '.join(sorted(masters)) or 'none'})"
             )
+
+    def check_batch(self, devices: int, source: str) -> None:
+        """Raise PolicyRefused when a lot is larger than `limits.max_devices_per_batch`."""
+        limit = self.limits.max_devices_per_batch
+        if devices > limit:
+            raise PolicyRefused(f"{source}: {devices} devices exceed the policy's "
+                                f"max_devices_per_batch ({limit})")
 
     def check_export(self, purpose: str) -> None:
         """Raise PolicyRefused unless per-device keys may leave the token for `purpose`.

@@ -136,13 +136,10 @@ def bootloader_digest(st: Station, bootloader: bytes, cipher_key: TokenKey | Non
         raise InputError("give --key NAME, or --master NAME with --device MAC")
     from hsmflash.formats.kdf import format_mac
 
-    def check() -> None:
-        if st.policy.chips:
-            st.policy.check_master(master.name, "esp32")
-
+    st.policy.check_master(master.name, "esp32")
     with st.use("sbv1.digest", master, subject={"device": format_mac(device),
                                                 "image_sha256": info.sha256},
-                detail={"chip": "esp32", "purpose": "SECURE_BOOT_V1"}, check=check) as outcome:
+                detail={"chip": "esp32", "purpose": "SECURE_BOOT_V1"}) as outcome:
         derived = outcome.derive(device, "SECURE_BOOT_V1")
         try:
             out = secureboot.sbv1_bootloader_digest(bootloader, derived.ciphers()[0], iv, name)

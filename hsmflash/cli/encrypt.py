@@ -1,6 +1,5 @@
 """`hsmflash derive`, `encrypt`, `decrypt`: per-device keys and flash encryption."""
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,11 +9,8 @@ import typer
 from hsmflash.cli.context import Context, ctx_of
 from hsmflash.cli.options import ChipOpt
 from hsmflash.errors import (
-    InputError,
     UsageError,
 )
-
-MAX_WORKERS = 64
 
 
 def derive_cmd(
@@ -62,7 +58,7 @@ def derive_cmd(
 
     With --devices, derive a whole lot and write its KCV manifest (audited as one batch).
     """
-    from hsmflash.encrypt import derive_kcv
+    from hsmflash.derive import derive_kcv
     from hsmflash.fileio import check_output
     from hsmflash.formats.kdf import format_mac, key_length, parse_mac
 
@@ -167,49 +163,22 @@ def _batch(
     scheme: str | None,
     name: str,
 ) -> None:
-    from hsmflash.encrypt import crypt_image, read_device_csv
-    from hsmflash.fileio import atomic_write
-    from hsmflash.formats.kdf import format_mac
+    from hsmflash.derive import read_device_csv
+    from hsmflash.encrypt import encrypt_batch
 
     macs = read_device_csv(devices)
-    if len(macs) > c.policy.limits.max_devices_per_batch:
-        from hsmflash.errors import PolicyRefused
-
-        raise PolicyRefused(
-            f"{devices}: {len(macs)} devices exceed the policy's "
-            f"max_devices_per_batch ({c.policy.limits.max_devices_per_batch})"
-        )
-    if not out_dir.is_dir():
-        try:
-            out_dir.mkdir(parents=True)
-        except OSError as e:
-            raise InputError(f"--out-dir {str(out_dir)!r}: {e.strerror}") from None
-    done = skipped = 0
     results = []
-    with c.station() as st:
-        mkey = st.key(master)
-        with typer.progressbar(macs, label="encrypting", file=sys.stderr, show_pos=True) as bar:
-            for mac in bar:
-                target = out_dir / f"{format_mac(mac).replace(':', '')}-{addr:#x}.bin"
-                if target.exists():  # written atomically: present means complete
-                    skipped += 1
-                    results.append(
-                        {"device": format_mac(mac), "output": str(target), "status": "skipped"}
-                    )
-                    continue
-                r = crypt_image(
-                    st, data, chip, addr, master=mkey, device=mac, scheme=scheme, name=name
-                )
-                atomic_write(target, r.output)
-                done += 1
-                results.append(
-                    {
-                        "device": format_mac(mac),
-                        "output": str(target),
-                        "kcv": r.kcv,
-                        "status": "encrypted",
-                    }
-                )
+    with (
+        c.station() as st,
+        typer.progressbar(length=len(macs), label="encrypting", file=sys.stderr,
+                          show_pos=True) as bar,
+    ):
+        for row in encrypt_batch(st, data, chip, addr, st.key(master), macs, out_dir,
+                                 scheme=scheme, name=name, source=str(devices)):
+            results.append(row)
+            bar.update(1)
+    done = sum(r["status"] == "encrypted" for r in results)
+    skipped = len(results) - done
     c.emit(
         {"encrypted": done, "skipped": skipped, "devices": results},
         f"{done} device image(s) encrypted, {skipped} already done, in {out_dir}",
@@ -315,74 +284,16 @@ def decrypt_cmd(
 def _derive_batch(
     c: Context, master: str, purpose: str, devices: Path, output: Path, workers: int
 ) -> None:
-    import hashlib
     import time
 
-    from hsmflash.encrypt import read_device_csv
-    from hsmflash.fileio import atomic_write
-    from hsmflash.formats.kdf import format_mac
-    from hsmflash.keyuse import check_master
-    from hsmflash.token.rawderive import RawDeriver, kcvs_in_workers
+    from hsmflash.derive import check_workers, derive_batch, read_device_csv
 
-    if workers > MAX_WORKERS:
-        raise UsageError(
-            f"--workers {workers} is more than {MAX_WORKERS} (each worker is a "
-            "process with its own token session)"
-        )
+    check_workers(workers)
     macs = read_device_csv(devices)
-    limit = c.policy.limits.max_devices_per_batch
-    if len(macs) > limit:
-        from hsmflash.errors import PolicyRefused
-
-        raise PolicyRefused(
-            f"{devices}: {len(macs)} devices exceed the policy's max_devices_per_batch ({limit})"
-        )
-    if workers <= 0:
-        workers = min(os.cpu_count() or 1, 4) if len(macs) >= 5000 else 1
-    list_sha = hashlib.sha256(b"".join(macs)).hexdigest()
     started = time.perf_counter()
     with c.station() as st:
-        mkey = st.key(master)
-        check_master(mkey)
-
-        def check() -> None:
-            if st.policy.chips:
-                st.policy.check_master(mkey.name)
-
-        with st.use(
-            "derive.batch",
-            mkey,
-            subject={"devices": len(macs), "list_sha256": list_sha},
-            detail={"purpose": purpose, "source": str(devices)},
-            check=check,
-        ) as out:
-            if workers > 1:
-                kcvs = kcvs_in_workers(
-                    st.config.module_path,
-                    st.config.label,
-                    c.pin_handler(""),
-                    mkey.name,
-                    purpose,
-                    macs,
-                    workers,
-                )
-            else:
-                raw = RawDeriver(
-                    st.config.module_path,
-                    st.session,
-                    out.raw_object(),
-                    st.config.label,
-                    st.config.lib(),
-                )
-                kcvs = [raw.kcv(m, purpose) for m in macs]
-            lines = ["mac,purpose,kcv"] + [
-                f"{format_mac(m)},{purpose},{k}" for m, k in zip(macs, kcvs, strict=True)
-            ]
-            manifest = ("\n".join(lines) + "\n").encode()
-            atomic_write(output, manifest)
-            out.update(
-                {"manifest_sha256": hashlib.sha256(manifest).hexdigest(), "workers": workers}
-            )
+        workers = derive_batch(st, st.key(master), purpose, macs, output, source=str(devices),
+                               workers=workers, pin=c.pin_handler(""))
     seconds = time.perf_counter() - started
     c.emit(
         {

@@ -53,24 +53,12 @@ def keys_generate(
     usage: UsageOpt = None,
 ) -> None:
     """Generate a key inside the token: sensitive, non-extractable, only the usages given."""
-    from hsmflash.keytypes import check_type_usage
-    from hsmflash.token.keys import generate_key
+    from hsmflash.keys import generate
 
     c = ctx_of(ctx)
     check_key_name(name)
-    flags = check_type_usage(key_type, usage)
-    with (
-        c.station() as st,
-        st.use(
-            "keys.generate",
-            subject={"name": name},
-            key_name=name,
-            detail={"type": key_type, "usage": list(flags)},
-        ) as out,
-    ):
-        key = generate_key(st.session, name, key_type, flags)
-        info = key.describe()
-        out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
+    with c.station() as st:
+        info = generate(st, name, key_type, usage)
     c.emit(info, f"generated {_key_line(info)}")
 
 
@@ -105,39 +93,16 @@ def keys_import(
     Destroy the file afterwards: the token copy is the only one that should remain.
     """
     from hsmflash.fileio import read_input
-    from hsmflash.keytypes import check_type_usage
+    from hsmflash.keys import import_material
     from hsmflash.keyuse import wipe
-    from hsmflash.token.keys import import_key
 
     c = ctx_of(ctx)
     check_key_name(name)
-    flags = check_type_usage(key_type, usage)
     material = bytearray(read_input(file, "key file"))
     try:
-
-        def check() -> None:
-            if wrappable:
-                c.policy.check_export("esp32_classic_stored_transient")
-
-        with (
-            c.station() as st,
-            st.use(
-                "keys.import",
-                subject={"name": name},
-                key_name=name,
-                detail={
-                    "type": key_type,
-                    "usage": list(flags),
-                    **({"wrappable": True} if wrappable else {}),
-                },
-                check=check,
-            ) as out,
-        ):
-            key = import_key(
-                st.session, name, key_type, material, flags, source=str(file), wrappable=wrappable
-            )
-            info = key.describe()
-            out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
+        with c.station() as st:
+            info = import_material(st, name, key_type, material, usage, source=str(file),
+                                   wrappable=wrappable)
     finally:
         wipe(material)
     c.emit(
@@ -150,28 +115,13 @@ def keys_import(
 @keys_app.command("create")
 def keys_create(ctx: typer.Context) -> None:
     """Create every key the policy declares that the token lacks (idempotent)."""
-    from hsmflash.token.keys import generate_key, key_exists
+    from hsmflash.keys import create_policy_keys
 
     c = ctx_of(ctx)
-    pol = c.policy
-    if not pol.keys:
+    if not c.policy.keys:
         raise UsageError("keys create needs a policy with [keys] (pass --policy FILE)")
-    results = []
     with c.station() as st:
-        for spec in pol.keys.values():
-            if key_exists(st.session, spec.name):
-                results.append({**st.key(spec.name).describe(), "action": "exists"})
-                continue
-            with st.use(
-                "keys.generate",
-                subject={"name": spec.name},
-                key_name=spec.name,
-                detail={"type": spec.type, "usage": list(spec.usage), "policy": pol.name},
-            ) as out:
-                key = generate_key(st.session, spec.name, spec.type, spec.usage)
-                info = key.describe()
-                out.update({k: v for k, v in info.items() if k in ("kcv", "fingerprint")})
-            results.append({**info, "action": "created"})
+        results = create_policy_keys(st)
 
     def human() -> None:
         for r in results:

@@ -268,3 +268,33 @@ def test_scheme_comes_from_the_stored_key_type(cli, xts_key):
     r = cli("encrypt", src, "-o", d / "c3.enc", "--chip", "esp32c3", "--address", "0x20000",
             "--key", name)
     assert r.code == 3 and name in r.err and not (d / "c3.enc").exists()
+
+
+def test_a_wrong_master_is_the_same_refusal_in_every_command(cli, tmp_path, uniq, policy_file):
+    """A key the policy does not name as a derivation master: derive, encrypt, batch derive
+    and the SBv1 bootloader digest all refuse it the same way (exit 5), before any key use."""
+    assert cli("keys", "generate", f"{uniq}-not-master", "--type", "xts-aes-128").code == 0
+    from imagebuilder import build_bootloader
+
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(64))
+    boot = tmp_path / "boot.bin"
+    boot.write_bytes(build_bootloader("esp32"))
+    devices = tmp_path / "devices.csv"
+    devices.write_text("mac\n24:0a:c4:00:00:01\n")
+    log = tmp_path / "wrong-master.jsonl"
+    wrong = ("--master", f"{uniq}-not-master")
+    commands = {
+        "derive": ("derive", *wrong, "--device", "24:0a:c4:00:00:01"),
+        "encrypt": ("encrypt", src, "-o", tmp_path / "o.bin", "--chip", "esp32s3",
+                    "--address", "0x10000", *wrong, "--device", "24:0a:c4:00:00:01"),
+        "derive --devices": ("derive", *wrong, "--devices", devices, "-o", tmp_path / "k.csv"),
+        "digest-bootloader": ("digest-bootloader", boot, "-o", tmp_path / "d.bin", *wrong,
+                              "--device", "24:0a:c4:00:00:01"),
+    }
+    for what, args in commands.items():
+        r = cli("--policy", policy_file, "--audit-log", log, *args)
+        assert r.code == 5, (what, r.output)
+        assert f"'{uniq}-not-master' is not a derivation master" in r.err, (what, r.err)
+    assert not (tmp_path / "o.bin").exists() and not (tmp_path / "k.csv").exists()
+    assert not log.exists() or "not-master" not in log.read_text()  # no key was used
