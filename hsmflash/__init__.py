@@ -49,6 +49,7 @@ nothing below `cli/` prints, prompts or exits):
       execute.py           the executor: audited steps, encrypt in the token, write, verify
       provisioner.py       plan, burn keys, write, enable, close download mode last
       reflash.py           field updates and RMA (holds an executor): no eFuse writes
+      manifest.py          the per-device manifest (CSV or JSON Lines), written and read back
       pool.py              station mode: one worker process per device
     cli/                   the edge: parsing, the PIN prompt, output, error -> exit code
       main.py              the Typer app, global options (before or after the command)

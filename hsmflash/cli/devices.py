@@ -1,7 +1,6 @@
 """`hsmflash virtual`, `provision`, `flash`: devices, virtual or on serial ports."""
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -160,64 +159,6 @@ def _images_for(c: Context, chip: str, images: list[str] | None) -> list[Any]:
     return parse_image_args(args, lambda p: read_input(p, "image"))
 
 
-def _csv_cell(value: Any) -> Any:
-    """A cell a spreadsheet shows as text: a leading = + - @ (or tab/CR) would make it a
-    formula (CSV injection), so such cells get a leading '."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import fcntl
-    import io
-
-    from hsmflash.fileio import open_append
-
-    fd = open_append(path, "manifest")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        new = os.fstat(fd).st_size == 0
-        if path.suffix == ".csv":
-            cols = [
-                "time",
-                "mac",
-                "chip",
-                "revision",
-                "fe_kcv",
-                "sb_kcv",
-                "images",
-                "result",
-                "error",
-                "seconds",
-                "cert_serial",
-                "cert_sha256",
-            ]
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=cols)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow(
-                    {
-                        k: _csv_cell(v)
-                        for k, v in {
-                            **r,
-                            "images": ";".join(
-                                f"{i['address']}:{i['sha256']}" for i in r["images"]
-                            ),
-                        }.items()
-                    }
-                )
-            f.write(buf.getvalue())
-        else:
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _run_devices(
     c: Context,
     kind: str,
@@ -288,7 +229,9 @@ def _run_devices(
                 )
             else:
                 rows.append(r.manifest_row())
-        _write_manifest(Path(manifest), rows)
+        from hsmflash.provision.manifest import write_manifest
+
+        write_manifest(Path(manifest), rows)
     return results
 
 

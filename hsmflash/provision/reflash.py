@@ -24,8 +24,6 @@ it could not be verified.
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ from hsmflash.keyuse import Station
 from hsmflash.policy import Policy
 from hsmflash.provision.execute import Executor, Progress, prepare_target, subject_of
 from hsmflash.provision.inputs import ImageSpec
+from hsmflash.provision.manifest import manifest_row
 from hsmflash.provision.plan import (
     DeviceResult,
     Plan,
@@ -177,7 +176,7 @@ class Reflasher:
         self.progress(f"{mac_text}: checking (secure download mode)")
         info = device.security_info()
         self._check_security_info(info, plan)
-        row = _manifest_row(manifest, mac_text, target.chip.name)
+        row = manifest_row(manifest, mac_text, target.chip.name)
         if row is None:
             notes.append("the MAC was not checked against a provisioning manifest")
         with run.step("check", subject, {"policy": target.policy.name, "dry_run": dry_run,
@@ -245,30 +244,3 @@ def _result(plan: Plan, *, verified: bool = True, notes: list[str] | None = None
     result.images = [{"address": f"{w.address:#x}", "source": w.source,
                       "sha256": w.plaintext_sha256} for w in plan.flash]
     return result
-
-
-def _manifest_row(manifest: str | None, mac: str, chip: str) -> dict[str, Any] | None:
-    """The latest successful provisioning row for `mac` in a manifest (CSV or JSON Lines).
-
-    Raises:
-        DeviceError: the manifest exists but has no successful row for this MAC and chip.
-        InputError: the manifest cannot be read.
-    """
-    if manifest is None or not Path(manifest).exists():
-        return None
-    try:
-        text = Path(manifest).read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{manifest}: cannot read the manifest ({e.strerror})") from None
-    if manifest.endswith(".csv"):
-        rows = list(csv.DictReader(text.splitlines()))
-    else:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as e:
-            raise InputError(f"{manifest}: not JSON Lines ({e})") from None
-    done = [r for r in rows if str(r.get("mac", "")).lower() == mac and r.get("chip") == chip
-            and r.get("result") in ("provisioned", "already-provisioned")]
-    if not done:
-        raise DeviceError(f"{mac} is not a provisioned {chip} in {manifest}: check --device")
-    return done[-1]
