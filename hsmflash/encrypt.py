@@ -4,7 +4,9 @@ XTS chips: K1/K2 are token objects (a stored `xts-aes-*` key, or session objects
 device); `flashcrypt` makes one bulk ECB call per key. ESP32 classic needs a different AES key
 per 32-byte block: with CKM_XOR_BASE_AND_DATA the token derives each block key itself;
 otherwise, only where the policy allows it, the derived per-device key is exported into memory,
-used and wiped, and the export is audited with its KCV (invariant 3).
+used and wiped, and the export is audited with its KCV (invariant 3). The same choice
+(`derived_path`) and the same code (`crypt_derived`) serve `encrypt`, `provision`, `flash` and
+the credentials' NVS keys.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hsmflash.chips import (
     PURPOSE_FOR_SCHEME,
     XTS_AES_128,
     XTS_AES_128_FROM_128,
+    XTS_AES_256,
     Chip,
 )
 from hsmflash.errors import InputError, InternalError, TokenError
@@ -123,15 +126,14 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
             "holding the expanded pair)")
     if key is not None and scheme != ESP32_AES256:
         _xts_ciphers(scheme, key)
-    xor_in_token = scheme == ESP32_AES256 and st.profile().has("xor_derivation")
-    stored_export = False
-    if key is not None and scheme == ESP32_AES256:
-        stored_export = _check_stored_esp32_key(st, key, xor_in_token)
-    path = PATH_XTS if scheme != ESP32_AES256 else (
-        PATH_ESP32_STORED_EXPORT if stored_export
-        else PATH_ESP32_XOR if xor_in_token else PATH_ESP32_EXPORT)
-    if scheme == XTS_AES_128_FROM_128:
-        path = PATH_EFUSE128_EXPORT
+    if key is None:
+        path = derived_path(st, scheme)
+    elif scheme != ESP32_AES256:
+        path = PATH_XTS
+    else:
+        xor_in_token = st.profile().has("xor_derivation")
+        path = (PATH_ESP32_STORED_EXPORT if _check_stored_esp32_key(st, key, xor_in_token)
+                else PATH_ESP32_XOR)
     mac = kdf.format_mac(device) if device is not None else None
     policy = st.policy
 
@@ -147,30 +149,25 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     if mac:
         subject["device"] = mac
     op = "decrypt" if decrypt else "encrypt"
-    exports = {PATH_ESP32_EXPORT: ["esp32_classic_transient"],
-               PATH_ESP32_STORED_EXPORT: ["esp32_classic_stored_transient"],
-               PATH_EFUSE128_EXPORT: ["efuse128_transient"]}.get(path, [])
+    exports = PATH_EXPORTS.get(path, [])
     with st.use(op, used, subject=subject, check=check, exports=exports,
                 detail={"chip": chip.name, "scheme": scheme, "address": f"{address:#x}",
                         "path": path}) as outcome:
         derived: DerivedKey | None = None
         try:
             if master is not None and device is not None:
-                derived = outcome.derive(device, PURPOSE_FOR_SCHEME[scheme],
-                                         exportable=path in (PATH_ESP32_EXPORT,
-                                                             PATH_EFUSE128_EXPORT),
-                                         derive_further=(path == PATH_ESP32_XOR))
+                derived = derive_for(outcome, device, scheme, path)
                 kcv = derived.kcv
             else:
                 kcv = used.kcv()
-            if derived is not None and path != PATH_ESP32_XOR:
-                (out,) = crypt_derived(outcome, derived, scheme, [(address, data)],
+            if derived is not None:
+                (out,) = crypt_derived(st, outcome, derived, scheme, path, [(address, data)],
                                        decrypt=decrypt, crypt_config=crypt_config)
             elif scheme != ESP32_AES256:
                 k1, k2 = outcome.cipher(0), outcome.cipher(1)
                 fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
                 out = fn(data, address, k1, k2)
-            elif derived is None and path == PATH_ESP32_STORED_EXPORT:
+            elif path == PATH_ESP32_STORED_EXPORT:
                 secret = outcome.export_stored("esp32_classic_stored_transient")
                 kcv = outcome["exported"][-1]["kcv"]
                 try:
@@ -178,14 +175,11 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
                     out = fn32(data, address, secret, crypt_config)
                 finally:
                     wipe(secret)
-            elif derived is None:
+            else:
                 if path != PATH_ESP32_XOR:
                     raise InternalError("ESP32-classic stored key without the XOR path")
                 out = esp32_xor_in_token(st.config, st.session, outcome.raw_object(), data, address,
                                          crypt_config, decrypt)
-            else:
-                out = esp32_xor_in_token(st.config, st.session, derived.objects[0], data,
-                                         address, crypt_config, decrypt)
         finally:
             if derived is not None:
                 derived.destroy()
@@ -194,33 +188,56 @@ def crypt_image(st: Station, data: bytes, chip: Chip, address: int, *,
     return EncryptResult(out, chip.name, scheme, address, path, kcv, mac, in_sha, out_sha)
 
 
-# schemes whose per-device key is exported to memory to encrypt (see `crypt_derived`)
-EXPORTED_SCHEMES = (ESP32_AES256, XTS_AES_128_FROM_128)
+# what each path takes out of the token (declared to the use, checked against the policy)
+PATH_EXPORTS = {PATH_ESP32_EXPORT: ["esp32_classic_transient"],
+                PATH_ESP32_STORED_EXPORT: ["esp32_classic_stored_transient"],
+                PATH_EFUSE128_EXPORT: ["efuse128_transient"]}
 
 
-def crypt_derived(use: KeyUse, derived: DerivedKey, scheme: str,
+def derived_path(st: Station, scheme: str) -> str:
+    """How a per-device key derived for `scheme` encrypts on this token: XTS with both keys
+    in the token; ESP32 classic with each block key derived in the token where it has
+    CKM_XOR_BASE_AND_DATA, else exported to memory; ESP32-C2 exported and expanded."""
+    if scheme == XTS_AES_128_FROM_128:
+        return PATH_EFUSE128_EXPORT
+    if scheme == ESP32_AES256:
+        return PATH_ESP32_XOR if st.profile().has("xor_derivation") else PATH_ESP32_EXPORT
+    return PATH_XTS
+
+
+def derive_for(use: KeyUse, device: bytes, scheme: str, path: str) -> DerivedKey:
+    """Derive the device's flash-encryption key as `path` uses it (in `use`)."""
+    return use.derive(device, PURPOSE_FOR_SCHEME[scheme],
+                      exportable=path in (PATH_ESP32_EXPORT, PATH_EFUSE128_EXPORT),
+                      derive_further=path == PATH_ESP32_XOR)
+
+
+def crypt_derived(st: Station, use: KeyUse, derived: DerivedKey, scheme: str, path: str,
                   regions: list[tuple[int, bytes]], *, decrypt: bool,
                   crypt_config: int = 0xF) -> list[bytes]:
-    """The one path from a per-device key derived in the token to flash ciphertext (or back):
-    regions `(address, data)` in, one result per region out.
+    """The one path from a per-device key derived in the token (`derive_for`) to flash
+    ciphertext, or back: regions `(address, data)` in, one result per region out.
 
-    XTS: K1/K2 stay token objects. ESP32-C2: the 128-bit key is exported to memory (declared
-    to the use as `efuse128_transient`) and expanded. ESP32 classic: the key is exported to
-    memory (declared as `esp32_classic_transient`); both are recorded with their KCV and wiped.
-    Derive with `exportable=scheme in EXPORTED_SCHEMES`.
-
-    Raises:
-        PolicyRefused: the use did not declare the export.
+    XTS (`xts-in-token`): K1/K2 stay token objects. ESP32 classic: each 32-byte block's key
+    derived in the token (`esp32-xor-in-token`), or the key exported to memory
+    (`esp32-transient-export`). ESP32-C2: the 128-bit key exported and expanded
+    (`efuse128-transient-export`). Exports are declared to the use (`PATH_EXPORTS`), recorded
+    with their KCV, and wiped.
     """
-    if scheme == XTS_AES_128_FROM_128:
+    if path == PATH_EFUSE128_EXPORT:
         return efuse128_crypt(use, derived, regions, decrypt)
-    if scheme == ESP32_AES256:
+    if path == PATH_ESP32_XOR:
+        return [esp32_xor_in_token(st.config, st.session, derived.objects[0], data, address,
+                                   crypt_config, decrypt) for address, data in regions]
+    if path == PATH_ESP32_EXPORT:
         secret = use.export(derived, "esp32_classic_transient")
         try:
             fn32 = flashcrypt.esp32_decrypt if decrypt else flashcrypt.esp32_encrypt
             return [fn32(data, address, secret, crypt_config) for address, data in regions]
         finally:
             wipe(secret)
+    if scheme not in (XTS_AES_128, XTS_AES_256):
+        raise InternalError(f"no encryption path {path!r} for {scheme}")
     k1, k2 = derived.ciphers()
     fn = flashcrypt.xts_decrypt if decrypt else flashcrypt.xts_encrypt
     return [fn(data, address, k1, k2) for address, data in regions]

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from hsmflash.chips import ESP32_AES256, SBV1, SBV2, Chip
+from hsmflash.chips import SBV1, SBV2, Chip
 from hsmflash.device.base import Device, efuse_field_specs
-from hsmflash.encrypt import EXPORTED_SCHEMES, crypt_derived
+from hsmflash.encrypt import PATH_EXPORTS, crypt_derived, derive_for, derived_path
 from hsmflash.errors import DeviceError, Error, InputError, InternalError, PolicyRefused
 from hsmflash.formats import kdf, partitions, secureboot
 from hsmflash.formats.appimage import verify_app_image
@@ -72,9 +72,11 @@ def prepare_target(st: Station, policy: Policy, chip: Chip, images: Sequence[Ima
         raise InputError(f"no images to write: give --image ADDR=FILE or list them under "
                          f"[chips.{chip.name}.images] in the policy")
     sb_keys = [st.key(k) for k in prof.secure_boot.keys] if prof.secure_boot else []
+    path = derived_path(st, prof.flash_encryption)
     target = Target(policy, chip, prof, tuple(images),
                     sb_public=tuple(k.public_key() for k in sb_keys),
-                    needs_sha384=any(k.type == "ec-p384" for k in sb_keys))
+                    needs_sha384=any(k.type == "ec-p384" for k in sb_keys),
+                    crypt_path=path, crypt_exports=tuple(PATH_EXPORTS.get(path, [])))
     proof.check_harden(policy, chip, prof, efuse_field_specs)
     if not reflash:
         policy.check_export("efuse_burn")
@@ -273,18 +275,18 @@ class Executor:
     def crypt(self, mac: bytes, regions: list[tuple[int, bytes]], *, decrypt: bool,
               why: str) -> list[bytes]:
         """Flash-encrypt (or decrypt) regions as this device's chip does, keys in the token
-        (the one path: `hsmflash.encrypt.crypt_derived`; exports are recorded in the
-        enclosing audited step).
+        (the one path: `hsmflash.encrypt.crypt_derived`, by the target's `crypt_path`; an
+        export is recorded in the enclosing audited step, which declared it).
 
         Raises:
-            PolicyRefused: the export is not allowed.
+            TokenError: the token refuses a derivation or an operation.
         """
-        prof = self.target.profile
-        scheme = prof.flash_encryption
-        d = self.derive(mac, self.target.fe_purpose, why, exportable=scheme in EXPORTED_SCHEMES)
+        t = self.target
+        d = derive_for(self.live(why), mac, t.profile.flash_encryption, t.crypt_path)
         try:
-            return crypt_derived(self.live(why), d, scheme, regions, decrypt=decrypt,
-                                 crypt_config=prof.flash_crypt_config)
+            return crypt_derived(self.st, self.live(why), d, t.profile.flash_encryption,
+                                 t.crypt_path, regions, decrypt=decrypt,
+                                 crypt_config=t.profile.flash_crypt_config)
         finally:
             d.destroy()
 
@@ -311,7 +313,6 @@ class Executor:
         if all(w.ciphertext for w in plan.flash):
             return
         t = self.target
-        path = "transient-export" if t.profile.flash_encryption == ESP32_AES256 else "in-token"
         cred = t.placement
         if cred is not None:
             from hsmflash.credentials import build_device_partitions
@@ -325,7 +326,7 @@ class Executor:
             else:
                 plan.flash[-1].ciphertext = parts.nvs
             plan.issued_cert = (parts.info.get("serial", ""), parts.info.get("cert_sha256", ""))
-        with self.step("encrypt", subject, {"images": len(images), "path": path},
+        with self.step("encrypt", subject, {"images": len(images), "path": t.crypt_path},
                        key_used=True, exports=t.crypt_exports) as out:
             for img, write in zip(images, plan.flash, strict=False):
                 write.ciphertext = self._ciphertext(mac, img, write)

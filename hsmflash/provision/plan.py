@@ -7,9 +7,10 @@ It refuses a device that contradicts the policy (another key, purpose or protect
 here touches a token or a device, so every decision is testable with a virtual chip alone; the
 executor (`hsmflash.provision.execute`) derives, encrypts, burns and writes.
 
-`plan_reflash` is the same for a provisioned device's field update: its keys must be this
-policy's, every image must be signed by a key whose digest the device holds, and every address
-must be in an encrypted partition of the device's own table. It never plans an eFuse write.
+For a provisioned device's field update, `reflash_key_state` holds the device's key to this
+policy's, and `plan_reflash` plans the writes: every image signed by a key whose digest the
+device holds, every address in an encrypted partition of the device's own table. Nothing here
+plans an eFuse write for re-flash.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsmflash.chips import (
-    ESP32_AES256,
     PURPOSE_FOR_SCHEME,
     SBV1,
     XTS_AES_128,
@@ -64,7 +64,7 @@ class FlashWrite:
     length: int
     ciphertext: bytes = field(repr=False, default=b"")
     md5: str = ""
-    status: str = "pending"  # pending | write | in-place
+    status: str = "pending"  # pending | written | in-place
 
 
 @dataclass
@@ -120,7 +120,9 @@ class DeviceResult:
     mac: str
     chip: str
     revision: str
-    result: str  # provisioned | already-provisioned | planned | failed
+    # provisioned | already-provisioned | planned | failed; re-flash: flashed | up-to-date |
+    # written-unverified (Secure Download Mode)
+    result: str
     fe_kcv: str = ""
     sb_kcv: str = ""
     images: list[dict[str, str]] = field(default_factory=list)
@@ -177,19 +179,14 @@ class Target:
     sb_public: tuple[PublicKey, ...] = ()  # the profile's Secure Boot keys, in policy order
     placement: CredentialPlacement | None = None  # where credentials go (None: none written)
     needs_sha384: bool = False  # a P-384 Secure Boot key: SECURE_BOOT_SHA384_EN, chip v3.0+
+    # how this token encrypts with the per-device key (`hsmflash.encrypt.derived_path`) and
+    # what that takes out of the token (ESP32 classic without XOR derivation, ESP32-C2)
+    crypt_path: str = "xts-in-token"
+    crypt_exports: tuple[str, ...] = ()
 
     @property
     def fe_purpose(self) -> str:
         return PURPOSE_FOR_SCHEME[self.profile.flash_encryption]
-
-    @property
-    def crypt_exports(self) -> list[str]:
-        """What encrypting for this chip takes out of the token: ESP32 classic's key on a
-        token without XOR derivation, ESP32-C2's 128-bit key for its SHA-256 expansion (both
-        in memory, wiped after use)."""
-        return {ESP32_AES256: ["esp32_classic_transient"],
-                XTS_AES_128_FROM_128: ["efuse128_transient"]}.get(
-                    self.profile.flash_encryption, [])
 
     def fe_blocks(self) -> list[tuple[str, str | None]]:
         """(key block, key purpose) of the flash-encryption key; ESP32: no purpose field."""
@@ -444,7 +441,8 @@ def already(state: EfuseState, name: str, value: int) -> bool:
 
 def reflash_key_state(target: Target, mac: bytes, state: EfuseState, expected: Expected,
                       key_order: KeyOrder) -> str:
-    """in-place | in-place-unverified (read-protected: the executor checks the flash).
+    """in-place | in-place-unverified (read-protected: re-flash then checks that the
+    bootloader in flash decrypts with this device's key).
 
     Raises:
         DeviceError: flash encryption off, no key, or another master's key.

@@ -52,6 +52,8 @@ class Provisioner:
 
         Raises:
             DeviceError: the eFuses or the flash contradict the policy.
+            InputError: the policy names an eFuse or key block the chip lacks (a harden
+                entry, an nvs_hmac_key_block shared with another key).
         """
         state = hz.read_state(device)
         expected = self.run.expected_for_plan(mac)

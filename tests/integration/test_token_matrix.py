@@ -289,6 +289,57 @@ def test_esp32_classic_vectors_with_an_imported_key(token: Token) -> None:
         assert out.read_bytes() == (VECTORS / f"bootloader-encrypted{suffix}.bin").read_bytes()
 
 
+def test_esp32_classic_provisioning_keeps_the_device_key_in_a_xor_token(token: Token) -> None:
+    """Provisioning a virtual ESP32 (FiPy-era v1.0) on a token with CKM_XOR_BASE_AND_DATA:
+    every block key is derived in the token, so a policy that forbids exporting the per-device
+    key (`esp32_classic_transient = false`) still provisions, and the flash decrypts with
+    espsecure under the key the aes-ecb-v1 spec derives from the master."""
+    token.need("aes_import", "in_token_derivation", "xor_derivation")
+    from hsmflash.formats import kdf
+    from imagebuilder import build_bootloader
+
+    master = os.urandom(32)
+    name = f"mx-pm-{uuid.uuid4().hex[:6]}"
+    f = token.workdir / "pm.key"
+    f.write_bytes(master)
+    token.ok("keys", "import", name, "--type", "aes-256", "--usage", "derive", "--file", f)
+    f.unlink()
+    policy = _write_policy(token, {name: ("aes-256", "derive")}, (
+        "[chips.esp32]\n"
+        'flash_encryption = "esp32-aes-256"\n'
+        "flash_crypt_config = 0xF\n"
+        f'derive = {{ master = "{name}", scheme = "aes-ecb-v1" }}\n'
+        'readable_keys = true\nrelease_mode = false\nunsigned_images = ["bootloader", "app"]\n'
+        "[export]\nefuse_burn = true\nesp32_classic_transient = false\n"))
+    mac = "24:0a:c4:0f:1a:01"
+    efuse, flash = token.workdir / "fipy.efuse", token.workdir / "fipy.flash"
+    token.ok("virtual", "create", "--chip", "esp32", "--mac", mac, "--revision", "1.0",
+             "--efuse-file", efuse)
+    boot, app = token.workdir / "boot.bin", token.workdir / "app.bin"
+    boot.write_bytes(build_bootloader("esp32", seed=3))
+    app.write_bytes(build_app("esp32", 64 * 1024, seed=4))
+    r = token.run("--json", "provision", "--chip", "esp32", "--virtual-efuses", efuse,
+                  "--virtual-flash", flash, "--image", f"0x1000={boot}",
+                  "--image", f"0x10000={app}", policy=policy)
+    assert r.returncode == 0, r.stdout + r.stderr
+    k_d = _aes_ecb(master, b"".join(kdf.derivation_blocks(bytes.fromhex(mac.replace(":", "")),
+                                                          "FLASH_ENCRYPTION")))
+    written = flash.read_bytes()
+    for address, image in ((0x1000, boot.read_bytes()), (0x10000, app.read_bytes())):
+        size = len(image) + (-len(image) % 32)
+        out = io.BytesIO()
+        espsecure.decrypt_flash_data(io.BytesIO(k_d), out, address, 0xF, False,
+                                     io.BytesIO(written[address:address + size]))
+        assert out.getvalue()[:len(image)] == image
+    records = [json.loads(line) for line in token.audit_log.read_text().splitlines()]
+    encrypt = [r for r in records if r["op"] == "provision.encrypt" and r["phase"] == "intent"]
+    assert encrypt and encrypt[-1]["detail"]["path"] == "esp32-xor-in-token"
+    # the only export is the key burned into the eFuses
+    exported = [e["why"] for r in records if r["op"].startswith("provision.")
+                and r["phase"] == "ok" for e in r["detail"].get("exported", [])]
+    assert exported and set(exported) == {"efuse_burn"}
+
+
 def test_audit_log_verifies_with_the_public_key_and_against_the_token(token: Token) -> None:
     assert token.audit_log.is_file(), f"{token.name}: no key was used"
     pem = token.workdir / "audit.pem"
