@@ -731,3 +731,39 @@ def test_audit_log_records_every_provisioning_step(bench: Bench, cli: Callable[.
     text = log.read_text()
     assert spec.hex() not in text and spec[::-1].hex() not in text
     assert hashlib.sha256(bench.master).hexdigest() not in text
+
+
+def test_two_secure_boot_keys_burn_both_digests(bench: Bench, cli: Callable[..., Result],
+                                                tmp_path: Path) -> None:
+    """ESP32-C6 under dev.toml trusts two Secure Boot V2 keys (RSA and ECDSA): both digests are
+    burned, each in its own slot, as espsecure computes them; a re-run burns nothing."""
+    chip = "esp32c6"
+    pems = {}
+    for name in ("sb-release", "sb-ecdsa"):
+        pems[name] = tmp_path / f"{name}.pem"
+        assert bench.cli("keys", "public", f"{bench.uniq}-{name}", "-o", pems[name]).code == 0
+    args = []
+    for path, address, data in ((tmp_path / "boot.bin", 0x0, build_bootloader(chip, seed=5)),
+                                (tmp_path / "app.bin", APP_ADDRESS, build_app(chip, seed=6))):
+        path.write_bytes(data)
+        signed = path.with_suffix(".signed")
+        r = bench.cli("--policy", bench.policy, "sign", path, "-o", signed,
+                      "--key", f"{bench.uniq}-sb-ecdsa", "--chip", chip)
+        assert r.code == 0, r.output
+        args += ["--image", f"{address:#x}={signed}"]
+    table = bench.images["esp32s3"][1]  # the same partition table
+    assert table.address == TABLE_ADDRESS
+    args += ["--image", f"{TABLE_ADDRESS:#x}={table.path}"]
+    efuse, flash = bench.new_chip(tmp_path, chip, mac="60:55:f9:00:00:06", revision="0.1")
+    r = bench.provision(chip, efuse, flash, images=args)
+    assert r.code == 0, r.output
+    summary = efuse_summary(chip, efuse)
+    assert summary["KEY_PURPOSE_1"]["value"] == "SECURE_BOOT_DIGEST0"
+    assert summary["KEY_PURPOSE_2"]["value"] == "SECURE_BOOT_DIGEST1"
+    assert block_bytes(summary, "BLOCK_KEY1") == sbv2_digest(pems["sb-release"], tmp_path)
+    assert block_bytes(summary, "BLOCK_KEY2") == sbv2_digest(pems["sb-ecdsa"], tmp_path)
+    before = efuse.read_bytes()
+    r = bench.provision(chip, efuse, flash, images=args, json_out=True)
+    assert r.code == 0, r.output
+    assert json_out(r)[0]["result"] == "already-provisioned"
+    assert efuse.read_bytes() == before
