@@ -182,7 +182,7 @@ def bootcode_cmd(
         cfg = c.token_config()
         with open_session(cfg, login=False) as session:
             name = KeyRef.parse(str(key)).label
-            pub = find_key(session, name, cfg.label).public_key()
+            pub = find_key(session, name, cfg.label, public_only=True).public_key()
     code = make_bootcode(
         pub,
         key_name=name,

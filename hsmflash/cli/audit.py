@@ -45,22 +45,18 @@ def audit_verify(
 ) -> None:
     """Verify the hash chain, checkpoints and (with the token) the head; exit 6 names the
     first bad record."""
-    from cryptography.hazmat.primitives import serialization
-
     from hsmflash.audit import verify_log
     from hsmflash.fileio import read_input
+    from hsmflash.formats.primitives import PublicKey, load_public_key
 
     c = ctx_of(ctx)
     path = Path(log) if log else c.audit_log
     if not path.is_file():
         raise InputError(f"audit log {str(path)!r} not found")
-    pub: Any = None
+    pub: PublicKey | None = None
     head = None
     if pubkey is not None:
-        try:
-            pub = serialization.load_pem_public_key(read_input(pubkey, "public key"))
-        except ValueError:
-            raise InputError(f"public key {str(pubkey)!r} is not a PEM public key") from None
+        pub = load_public_key(read_input(pubkey, "public key"), str(pubkey))
     if with_token:
         from hsmflash.keyuse import TokenLogBinding, find_head_store, log_id
         from hsmflash.token.keys import find_key

@@ -201,7 +201,8 @@ def keys_digest(
     the_chip = get_chip(chip)
     cfg = c.token_config()
     with open_session(cfg, login=False) as session:
-        info = key_digest(find_key(session, KeyRef.parse(name).label, cfg.label), the_chip)
+        key = find_key(session, KeyRef.parse(name).label, cfg.label, public_only=True)
+        info = key_digest(key, the_chip)
     raw = info.pop("bytes")
     if output is not None:
         atomic_write(output, raw)

@@ -108,7 +108,8 @@ def verify_cmd(
 
         cfg = c.token_config()
         with open_session(cfg, login=False) as session:
-            pub = find_key(session, KeyRef.parse(str(key)).label, cfg.label).public_key()
+            pub = find_key(session, KeyRef.parse(str(key)).label, cfg.label,
+                           public_only=True).public_key()
     result = verify_image(data, pub, scheme, name=str(image))
     where = f" (signature block {result['block']})" if "block" in result else ""
     c.emit(result, f"{image}: {result['scheme']} signature OK{where}")

@@ -251,8 +251,10 @@ def _assemble(name: str, objs: dict[str, list[p11t.Key]]) -> TokenKey | None:
     return None
 
 
-def find_key(session: p11t.Session, name: str, token_label: str = "") -> TokenKey:
-    """Find the key called `name`.
+def find_key(session: p11t.Session, name: str, token_label: str = "", *,
+             public_only: bool = False) -> TokenKey:
+    """Find the key called `name`. `public_only`: the session is not logged in, so only
+    public halves are visible (and the error says so).
 
     Raises:
         TokenError: no such key (exit 4), naming the key and the token.
@@ -266,6 +268,10 @@ def find_key(session: p11t.Session, name: str, token_label: str = "") -> TokenKe
     key = _assemble(name, objs)
     if key is None or (not key.objects and key.public is None):
         where = f" in token {token_label!r}" if token_label else ""
+        if public_only:
+            raise TokenError(f"no public key {name!r}{where}: this command reads public halves "
+                             "without the PIN, and a secret key (aes, xts-aes) has none "
+                             "(see `hsmflash keys list`)")
         raise TokenError(f"no key {name!r}{where} (see `hsmflash keys list`)")
     return key
 

@@ -124,3 +124,12 @@ def test_bad_key_requests(cli, args, code, needle, tmp_path, monkeypatch):
     assert needle in r.err
     assert len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "x.pem").exists()
+
+
+def test_digest_of_a_secret_key_says_it_has_no_public_half(cli, uniq):
+    """`keys digest` reads public halves without the PIN: a secret key is named as such, not
+    reported missing as if it did not exist."""
+    assert cli("keys", "generate", f"{uniq}-aes", "--type", "aes-256").code == 0
+    r = cli("keys", "digest", f"{uniq}-aes", "--chip", "esp32s3")
+    assert r.code == 4
+    assert f"no public key '{uniq}-aes'" in r.err and "secret key" in r.err
