@@ -63,7 +63,7 @@ def build_cmd(
         typer.Option("--include-source", help="Also ship the .py sources (default: .mpy only)."),
     ] = False,
 ) -> None:
-    """Compile SRC_DIR with mpy-cross, pack it as ROMFS and sign it with a token key.
+    """Compile the app directory DIR with mpy-cross, pack it as ROMFS and sign it with a token key.
 
     Output passes `espsecure verify-signature --version 2` and `hsmflash app verify`.
     """
@@ -133,7 +133,7 @@ def verify_cmd(
 def bootcode_cmd(
     ctx: typer.Context,
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Directory to write into.", metavar="FILE")
+        Path, typer.Option("-o", "--output", help="Directory to write into.", metavar="DIR")
     ],
     key: Annotated[
         str | None,

@@ -47,7 +47,7 @@ def init_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
     out: Annotated[
-        Path, typer.Option("-o", "--out", help="Write the CA certificate (PEM).", metavar="FILE")
+        Path, typer.Option("-o", "--output", help="Write the CA certificate (PEM).", metavar="FILE")
     ],
     key: KeyOpt = None,
     days: Annotated[int, typer.Option("--days", help="Validity in days.", metavar="DAYS")] = 3650,
@@ -77,7 +77,9 @@ def init_cmd(
 def csr_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Write the CSR (PEM).", metavar="FILE")],
+    out: Annotated[
+        Path, typer.Option("-o", "--output", help="Write the CSR (PEM).", metavar="FILE")
+    ],
     key: KeyOpt = None,
 ) -> None:
     """Make a CSR for the token key, for a CA to be signed by another (root) CA."""

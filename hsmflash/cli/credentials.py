@@ -491,7 +491,7 @@ def crl_cmd(
     ctx: typer.Context,
     out: Annotated[
         Path,
-        typer.Option("-o", "--out", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"),
+        typer.Option("-o", "--output", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"),
     ],
     ca_dir: CaDirOpt = None,
 ) -> None:
@@ -516,7 +516,7 @@ def sign_csr_cmd(
     ],
     device: DeviceOpt,
     out: Annotated[
-        Path, typer.Option("-o", "--out", help="Write the certificate (PEM).", metavar="FILE")
+        Path, typer.Option("-o", "--output", help="Write the certificate (PEM).", metavar="FILE")
     ],
     ca_dir: CaDirOpt = None,
 ) -> None:

@@ -185,8 +185,10 @@ def _batch(
     )
 
 
-InputArg = Annotated[
-    Path, typer.Argument(help="Plaintext (or ciphertext for decrypt) file.", metavar="FILE")
+InputArg = Annotated[Path, typer.Argument(help="The image to encrypt.", metavar="FILE")]
+CipherArg = Annotated[
+    Path, typer.Argument(help="The flash contents to decrypt (as read from the chip).",
+                         metavar="FILE")
 ]
 
 
@@ -266,7 +268,7 @@ def encrypt_cmd(
 
 def decrypt_cmd(
     ctx: typer.Context,
-    input_file: InputArg,
+    input_file: CipherArg,
     chip: ChipOpt,
     address: AddrOpt,
     output: OutOpt = None,

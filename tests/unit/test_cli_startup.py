@@ -168,3 +168,32 @@ def test_app_check_under_a_production_policy_without_a_chip_fails_on_an_open_cha
             "--policy", ROOT / "policies" / "esp32s3-production.toml")
     assert r.code == 5, r.output
     assert "open under a production policy" in r.err
+
+
+def test_every_command_names_its_values_the_same_way() -> None:
+    """Walk every command: each option or argument that takes a value shows an upper-case
+    metavar a person reads (FILE, DIR, ADDR, MAC ...), never a Python name or a type, and `-o`
+    is always `--output`."""
+    from collections.abc import Iterator
+    from typing import Any
+
+    def walk(cmd: Any, path: str) -> Iterator[tuple[str, Any]]:  # typer's own click classes
+        for p in cmd.params:
+            yield path, p
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    seen = 0
+    for where, p in walk(typer.main.get_command(app), "hsmflash"):
+        option = p.param_type_name == "option"
+        if option and (p.is_flag or p.count):
+            continue
+        if p.name in ("install_completion", "show_completion", "help"):
+            continue
+        seen += 1
+        metavar = p.metavar or ""
+        assert metavar and metavar == metavar.upper() and "_" not in metavar.strip("[]"), (
+            where, p.name, metavar)
+        if option and "-o" in p.opts:
+            assert "--output" in p.opts, (where, p.opts)
+    assert seen > 100  # the walk saw the whole app
