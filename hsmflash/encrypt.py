@@ -71,6 +71,9 @@ def scheme_for(st: Station, chip: Chip, scheme: str | None,
     default."""
     prof = st.policy.chips.get(chip.name)
     from_key = key.type if key is not None and key.type in chip.flash_encryption else None
+    if scheme is None and key is not None and from_key is None and key.type.startswith("xts-"):
+        raise InputError(f"key {key.name!r} is {key.type}, and {chip.name} has no {key.type} "
+                         f"flash encryption (it has {', '.join(chip.flash_encryption)})")
     chosen = scheme or from_key or (
         prof.flash_encryption if prof else chip.default_flash_encryption())
     chip.check_flash_encryption(chosen)
@@ -94,7 +97,7 @@ def check_data(data: bytes, address: int, name: str) -> None:
 def _xts_ciphers(scheme: str, key: TokenKey) -> None:
     want = "xts-aes-128" if scheme == XTS_AES_128 else "xts-aes-256"
     if key.type != want:
-        raise InputError(f"key {key.name!r} is {key.type}; {scheme} needs a {want} key")
+        raise InputError(f"key {key.name!r} is {key.type}; {scheme} needs an {want} key")
     if "encrypt" not in key.usage:
         raise TokenError(f"key {key.name!r} does not allow encryption (CKA_ENCRYPT is false)")
 

@@ -222,7 +222,8 @@ SchemeOpt = Annotated[
     str | None,
     typer.Option(
         "--scheme",
-        help="xts-aes-128, xts-aes-256 or esp32-aes-256 (default: policy, else chip).",
+        help="xts-aes-128, xts-aes-256 or esp32-aes-256 (default: the --key's type where "
+        "the chip has it, else the policy's, else the chip's).",
         metavar="SCHEME",
     ),
 ]

@@ -268,6 +268,7 @@ def test_scheme_comes_from_the_stored_key_type(cli, xts_key):
     r = cli("encrypt", src, "-o", d / "c3.enc", "--chip", "esp32c3", "--address", "0x20000",
             "--key", name)
     assert r.code == 3 and name in r.err and not (d / "c3.enc").exists()
+    assert "esp32c3 has no xts-aes-256 flash encryption" in r.err
 
 
 def test_a_wrong_master_is_the_same_refusal_in_every_command(cli, tmp_path, uniq, policy_file):
