@@ -40,6 +40,7 @@ import json
 import os
 import stat
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -847,3 +848,34 @@ class AuditLog:
                                        "alg": alg, "sig": sig.hex()})
             head_store.write(record["seq"], record["hash"])
             return record
+
+
+def report(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Summarise records: outcomes per operation, uses per key (most used first), how many
+    devices, how many uses exported a per-device key, and the intents with no outcome (an
+    operation interrupted: power, SIGKILL)."""
+    ops: Counter[str] = Counter()
+    keys: Counter[str] = Counter()
+    devices: set[str] = set()
+    exports = 0
+    intents: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["phase"] == "intent":
+            intents[r["seq"]] = r
+            continue
+        intents.pop(r["detail"].get("intent_seq", -1), None)
+        ops[f"{r['op']}:{r['phase']}"] += 1
+        if r.get("key"):
+            keys[str(r["key"]).rsplit("object=", 1)[-1]] += 1
+        dev = (r.get("subject") or {}).get("device")
+        if dev:
+            devices.add(dev)
+        if "exported" in r["detail"]:
+            exports += 1
+    return {
+        "operations": dict(ops),
+        "keys": dict(keys.most_common()),
+        "devices": len(devices),
+        "exports": exports,
+        "interrupted": [{"seq": s, "op": r["op"], "ts": r["ts"]} for s, r in intents.items()],
+    }

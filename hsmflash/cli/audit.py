@@ -153,9 +153,12 @@ def audit_show(
 ) -> None:
     """Show audit records, filtered by operation, key, device and time."""
     from hsmflash.audit import filter_records, iter_records
+    from hsmflash.formats.kdf import format_mac, parse_mac
 
     c = ctx_of(ctx)
     path = Path(log) if log else c.audit_log
+    if device is not None:
+        device = format_mac(parse_mac(device))  # a malformed MAC is an error, not 0 records
     records = list(
         filter_records(
             iter_records(path),
@@ -185,47 +188,20 @@ def audit_show(
 @audit_app.command("report")
 def audit_report(ctx: typer.Context, log: LogArg = None) -> None:
     """Summarise the log: operations by outcome, devices, exports, interrupted operations."""
-    from collections import Counter
-
-    from hsmflash.audit import iter_records
+    from hsmflash.audit import iter_records, report
 
     c = ctx_of(ctx)
     path = Path(log) if log else c.audit_log
-    ops: Counter[str] = Counter()
-    keys: Counter[str] = Counter()
-    devices: set[str] = set()
-    exports = 0
-    intents: dict[int, dict[str, Any]] = {}
-    for r in iter_records(path):
-        if r["phase"] == "intent":
-            intents[r["seq"]] = r
-            continue
-        intents.pop(r["detail"].get("intent_seq", -1), None)
-        ops[f"{r['op']}:{r['phase']}"] += 1
-        if r.get("key"):
-            keys[str(r["key"]).rsplit("object=", 1)[-1]] += 1
-        dev = (r.get("subject") or {}).get("device")
-        if dev:
-            devices.add(dev)
-        if "exported" in r["detail"]:
-            exports += 1
-    data = {
-        "log": str(path),
-        "operations": dict(ops),
-        "keys": dict(keys),
-        "devices": len(devices),
-        "exports": exports,
-        "interrupted": [{"seq": s, "op": r["op"], "ts": r["ts"]} for s, r in intents.items()],
-    }
+    data = {"log": str(path), **report(iter_records(path))}
 
     def human() -> None:
         typer.echo(f"{path}")
-        for k, n in sorted(ops.items()):
+        for k, n in sorted(data["operations"].items()):
             typer.echo(f"  {k:28} {n}")
-        typer.echo(f"  devices: {len(devices)}; per-device key exports: {exports}")
-        for k, n in keys.most_common():
+        typer.echo(f"  devices: {data['devices']}; per-device key exports: {data['exports']}")
+        for k, n in data["keys"].items():
             typer.echo(f"  key {k}: {n} use(s)")
-        for s, r in intents.items():
-            typer.echo(f"  interrupted: seq {s} {r['op']} at {r['ts']}")
+        for r in data["interrupted"]:
+            typer.echo(f"  interrupted: seq {r['seq']} {r['op']} at {r['ts']}")
 
     c.emit(data, human)
