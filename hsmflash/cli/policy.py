@@ -1,5 +1,6 @@
 """`hsmflash policy ...`: validate a policy, compare the live token against it."""
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -49,11 +50,7 @@ def policy_check(
             }
             for k, v in pol.chips.items()
         },
-        "export": {
-            "efuse_burn": pol.export.efuse_burn,
-            "esp32_classic_transient": pol.export.esp32_classic_transient,
-            "decrypt": pol.export.decrypt,
-        },
+        "export": dataclasses.asdict(pol.export),  # every rule, as the policy sets it
     }
     c.emit(
         data,
