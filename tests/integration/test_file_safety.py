@@ -179,11 +179,11 @@ def _row(error: str) -> dict[str, object]:
 def test_csv_manifest_neutralises_formulas_and_refuses_links(tmp_path):
     import csv
 
-    from hsmflash.cli.devices import _write_manifest
+    from hsmflash.provision.manifest import write_manifest
     from hsmflash.errors import InputError
 
     out = tmp_path / "m.csv"
-    _write_manifest(out, [_row('=HYPERLINK("http://evil","x")'), _row("+1"), _row("@SUM(1)"),
+    write_manifest(out, [_row('=HYPERLINK("http://evil","x")'), _row("+1"), _row("@SUM(1)"),
                           _row("-2"), _row("plain")])
     cells = [r["error"] for r in csv.DictReader(out.open(encoding="utf-8"))]
     assert cells == ["'=HYPERLINK(\"http://evil\",\"x\")", "'+1", "'@SUM(1)", "'-2", "plain"]
@@ -192,7 +192,7 @@ def test_csv_manifest_neutralises_formulas_and_refuses_links(tmp_path):
     link = tmp_path / "link.jsonl"
     link.symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"):
-        _write_manifest(link, [_row("x")])
+        write_manifest(link, [_row("x")])
     assert victim.read_text() == "keep me"
 
 
