@@ -61,7 +61,6 @@ NVS_KEYS_PARTITION_SIZE = 0x1000
 NVS_MIN_SIZE = 0x3000  # ESP-IDF: read/write NVS needs 3 pages (one is kept free)
 NVS_MAX_KEY = 15  # NVS key and namespace names: at most 15 characters
 
-PLACEHOLDERS = ("{device_id}", "{mac}", "{username}", "{secret}", "{server_url}")
 _ENCODINGS_VARLEN = ("string", "hex2bin", "base64", "binary")
 _ENCODINGS_INT = {
     "u8": (0, 2**8 - 1), "i8": (-(2**7), 2**7 - 1),

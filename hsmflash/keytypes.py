@@ -15,7 +15,7 @@ KeyTypeName = Literal["aes-128", "aes-256", "xts-aes-128", "xts-aes-256", "rsa-3
                       "ec-p384"]
 Usage = Literal["sign", "derive", "encrypt", "wrap"]
 
-KEY_TYPES: dict[str, str] = {
+KEY_TYPES: dict[KeyTypeName, str] = {
     "aes-128": "AES-128 secret key",
     "aes-256": "AES-256 secret key (master keys, SBv1 bootloader key, ESP32 flash key)",
     "xts-aes-128": "XTS-AES-128 flash-encryption key (32-byte espsecure file; two AES-128 objects)",
@@ -25,7 +25,7 @@ KEY_TYPES: dict[str, str] = {
     "ec-p384": "ECDSA P-384 Secure Boot V2 signing key",
 }
 USAGES: tuple[str, ...] = get_args(Usage)
-ALLOWED_USAGES: dict[str, tuple[str, ...]] = {
+ALLOWED_USAGES: dict[KeyTypeName, tuple[Usage, ...]] = {
     "aes-128": ("derive", "encrypt", "wrap"),
     "aes-256": ("derive", "encrypt", "wrap"),
     "xts-aes-128": ("encrypt",),
@@ -34,7 +34,7 @@ ALLOWED_USAGES: dict[str, tuple[str, ...]] = {
     "ec-p256": ("sign",),
     "ec-p384": ("sign",),
 }
-DEFAULT_USAGE: dict[str, tuple[str, ...]] = {
+DEFAULT_USAGE: dict[KeyTypeName, tuple[Usage, ...]] = {
     "aes-128": ("encrypt",),
     "aes-256": ("derive",),
     "xts-aes-128": ("encrypt",),
@@ -44,24 +44,35 @@ DEFAULT_USAGE: dict[str, tuple[str, ...]] = {
     "ec-p384": ("sign",),
 }
 
+def check_key_type(name: str) -> KeyTypeName:
+    """The key type `name` names.
+
+    Raises:
+        InputError: unknown type (P-192 named as too weak).
+    """
+    if name in ("ec-p192", "ecdsa-p192", "p192"):
+        raise InputError(f"key type {name!r}: ECDSA P-192 is too weak (about 96-bit "
+                         "security); hsmflash refuses it. ESP32-C2 Secure Boot V2 takes ec-p256")
+    for known in KEY_TYPES:
+        if name == known:
+            return known
+    raise InputError(f"unknown key type {name!r} (one of: {', '.join(KEY_TYPES)})")
+
+
 def check_type_usage(key_type: str, usage: Sequence[str] | None) -> tuple[str, ...]:
     """Validate a key type and its usages; return the usages (defaults filled in).
 
     Raises:
         InputError: unknown type or a usage the type cannot have.
     """
-    if key_type in ("ec-p192", "ecdsa-p192", "p192"):
-        raise InputError(f"key type {key_type!r}: ECDSA P-192 is too weak (about 96-bit "
-                         "security); hsmflash refuses it. ESP32-C2 Secure Boot V2 takes ec-p256")
-    if key_type not in KEY_TYPES:
-        raise InputError(f"unknown key type {key_type!r} (one of: {', '.join(KEY_TYPES)})")
-    chosen = tuple(usage) if usage else DEFAULT_USAGE[key_type]
+    kind = check_key_type(key_type)
+    chosen: tuple[str, ...] = tuple(usage) if usage else DEFAULT_USAGE[kind]
     for u in chosen:
         if u not in USAGES:
             raise InputError(f"unknown usage {u!r} (one of: {', '.join(USAGES)})")
-        if u not in ALLOWED_USAGES[key_type]:
+        if u not in ALLOWED_USAGES[kind]:
             raise InputError(
-                f"usage {u!r} is not possible for a {key_type} key "
-                f"(allowed: {', '.join(ALLOWED_USAGES[key_type])})"
+                f"usage {u!r} is not possible for a {kind} key "
+                f"(allowed: {', '.join(ALLOWED_USAGES[kind])})"
             )
     return tuple(sorted(set(chosen)))

@@ -29,7 +29,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClas
 from hsmflash.audit import Anchor, AuditLog
 from hsmflash.errors import CHECKPOINT_FAILED, Error, InputError, InternalError, TokenError
 from hsmflash.formats import kdf
-from hsmflash.formats.primitives import PublicKey, SignatureAlgorithm
+from hsmflash.formats.primitives import PSS_SALT_LEN, PublicKey, SignatureAlgorithm
 from hsmflash.policy import Policy
 from hsmflash.token.keys import AUDIT_HEAD_LABEL, TokenKey, find_key, generate_key, key_exists
 from hsmflash.token.session import KeyRef, TokenConfig, open_session, supports, wrap_pkcs11
@@ -77,7 +77,7 @@ class TokenSigner:
             raise InputError(f"key {key.name!r} is {key.type}, not a signing key")
         if rsa_padding not in ("pss", "pkcs1v15"):
             raise InternalError(f"unknown RSA padding {rsa_padding!r}")
-        self.algorithm: SignatureAlgorithm = key.type  # type: ignore[assignment]
+        self.algorithm: SignatureAlgorithm = key.type  # type: ignore[assignment]  # checked above
         self._key = key
         self._rsa_padding = rsa_padding
 
@@ -93,7 +93,8 @@ class TokenSigner:
             if self.algorithm == "rsa-3072":
                 return bytes(private.sign(
                     digest, mechanism=Mechanism.RSA_PKCS_PSS,
-                    mechanism_param=(_HASH_MECH[len(digest)], _MGF[len(digest)], 32),
+                    mechanism_param=(_HASH_MECH[len(digest)], _MGF[len(digest)],
+                                     PSS_SALT_LEN),
                 ))
             return bytes(private.sign(digest, mechanism=Mechanism.ECDSA))
         except p11x.PKCS11Error as e:
@@ -794,6 +795,3 @@ def wipe(buf: bytearray) -> None:
     for i in range(len(buf)):
         buf[i] = 0
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsmflash.chips import SBV1, SBV2, XTS_AES_128, XTS_AES_256, get_chip
 from hsmflash.errors import Error, InputError, PolicyRefused
-from hsmflash.keytypes import ALLOWED_USAGES, KEY_TYPES, check_type_usage
+from hsmflash.keytypes import ALLOWED_USAGES, KeyTypeName, check_key_type, check_type_usage
 
 if TYPE_CHECKING:
     from hsmflash.token.keys import TokenKey
@@ -48,7 +48,7 @@ HMAC_CHIPS = ("esp32s2", "esp32s3", "esp32c3", "esp32c5", "esp32c6", "esp32h2", 
 @dataclass(frozen=True)
 class KeySpec:
     name: str
-    type: str
+    type: KeyTypeName
     usage: tuple[str, ...]
     extractable: bool = False
     description: str = ""
@@ -351,9 +351,10 @@ def parse_policy(raw: dict[str, Any], source: str) -> Policy:
         except InputError as e:
             raise InputError(f"{source}: keys.{key_name}: {e}") from None
         f = _Fields(table, f"keys.{key_name}", source)
-        key_type = f.get("type", str, required=True)
-        if key_type not in KEY_TYPES:
-            raise f.error("type", f"unknown key type {key_type!r} (one of: {', '.join(KEY_TYPES)})")
+        try:
+            key_type = check_key_type(f.get("type", str, required=True))
+        except InputError as e:
+            raise f.error("type", str(e)) from None
         usage = f.strings("usage")
         try:
             usage = check_type_usage(key_type, usage)

@@ -242,21 +242,6 @@ def _blank_efuse_size(chip: str) -> int:
 
 
 @functools.cache
-def efuse_field_names(chip: str) -> frozenset[str]:
-    """The names of `chip`'s eFuse fields, from espefuse's own tables (no device needed).
-
-    Raises:
-        DeviceError: espefuse does not know the chip.
-    """
-    from espefuse import init_commands
-
-    with espressif_call(f"loading {chip} eFuse definitions"):
-        commands = init_commands(chip=chip, virt=True, do_not_confirm=True)
-        return frozenset(str(e.name) for e in commands.efuses)
-
-
-
-@functools.cache
 def efuse_field_specs(chip: str, major: int | None = None) -> dict[str, tuple[int, str]]:
     """`chip`'s writable eFuse fields as {name: (bit length, espefuse type)}, from espefuse's
     own tables, picked by chip revision the way espefuse picks them (ESP32-P4 v3.x has its

@@ -60,7 +60,7 @@ def parse(data: bytes, name: str = "partition table") -> list[Partition]:
             break
         _magic, ptype, subtype, offset, size, label, flags = _ENTRY.unpack(raw)
         parts.append(Partition(label.rstrip(b"\x00").decode("ascii", "replace"), ptype,
-                               subtype, offset, size, bool(flags & 1)))
+                               subtype, offset, size, bool(flags & FLAG_ENCRYPTED)))
     if not parts:
         raise InputError(f"{name}: no partition entries (magic 0xAA50 not found)")
     ordered = sorted(parts, key=lambda p: p.offset)
@@ -74,7 +74,8 @@ def build(parts: list[Partition]) -> bytes:
     """A partition table binary with its MD5 entry, padded with 0xFF to 0xC00 bytes."""
     body = b"".join(
         _ENTRY.pack(_MAGIC, p.type, p.subtype, p.offset, p.size,
-                    p.label.encode("ascii")[:16].ljust(16, b"\x00"), int(p.encrypted_flag))
+                    p.label.encode("ascii")[:16].ljust(16, b"\x00"),
+                    FLAG_ENCRYPTED if p.encrypted_flag else 0)
         for p in parts
     )
     body += _MD5_MAGIC + b"\xff" * 14 + hashlib.md5(body).digest()  # noqa: S324
@@ -134,7 +135,7 @@ def parse_checked(data: bytes, flash_size: int, name: str = "partition table") -
 
 SUBTYPE_ROMFS = 0x8F  # MicroPython's ROMFS partition (ports/esp32: `romfs, data, 0x8f`)
 SUBTYPE_FAT = 0x81
-FLAG_ENCRYPTED = 0x1
+FLAG_ENCRYPTED = 0x1  # flags bit 0
 DATA_ALIGN = 0x1000
 
 # gen_esp32part.py's names
@@ -144,8 +145,6 @@ DATA_SUBTYPES = {"ota": 0x00, "phy": 0x01, "nvs": SUBTYPE_NVS, "coredump": 0x03,
                  "nvs_keys": SUBTYPE_NVS_KEYS, "efuse": 0x05, "undefined": 0x06,
                  "esphttpd": 0x80, "fat": SUBTYPE_FAT, "spiffs": 0x82, "littlefs": 0x83}
 
-# partitions whose contents are code or secrets: they must carry the `encrypted` flag
-PROTECTED_LABELS = ("romfs", "vfs", "nvs_keys")
 
 
 def _csv_int(text: str, what: str, name: str, lineno: int) -> int:

@@ -49,6 +49,7 @@ class DigestSigner(Protocol):
 
 
 # DER AlgorithmIdentifiers of SubjectPublicKeyInfo (RFC 3279, RFC 5480)
+PSS_SALT_LEN = 32  # RSA-PSS salt, as Secure Boot V2 (and espsecure) use it
 _RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")  # rsaEncryption, NULL
 _EC_ALGORITHMS = {  # id-ecPublicKey, named curve
     "secp256r1": bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107"),
@@ -145,7 +146,7 @@ def verify_digest_signature(public_key: PublicKey, signature: bytes, digest: byt
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(signature, digest,
-                              padding.PSS(mgf=padding.MGF1(algorithm), salt_length=32),
+                              padding.PSS(mgf=padding.MGF1(algorithm), salt_length=PSS_SALT_LEN),
                               utils.Prehashed(algorithm))
             return True
         width = (public_key.curve.key_size + 7) // 8

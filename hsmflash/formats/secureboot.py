@@ -52,7 +52,6 @@ from hsmflash.formats.primitives import (
 
 RSA_BITS = 3072
 RSA_LEN = RSA_BITS // 8
-PSS_SALT_LEN = 32
 SBV1_IV_LEN = 128
 SBV1_DIGEST_SECTOR = 0x1000
 _ECDSA_LEN = {"ec-p256": 32, "ec-p384": 48}

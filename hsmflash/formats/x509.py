@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -32,7 +32,7 @@ from hsmflash.formats.primitives import PublicKey
 from hsmflash.formats.primitives import der_tlv as _der
 
 CaKeyType = Literal["ec-p256", "rsa-3072"]
-CA_KEY_TYPES: tuple[str, ...] = ("ec-p256", "rsa-3072")
+CA_KEY_TYPES: tuple[str, ...] = get_args(CaKeyType)
 # `sign(tbs) -> signature` as it goes into the BIT STRING: ECDSA as DER Ecdsa-Sig-Value,
 # RSA as the PKCS#1 v1.5 signature (SHA-256)
 TbsSigner = Callable[[bytes], bytes]

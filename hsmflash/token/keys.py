@@ -61,7 +61,7 @@ class TokenKey:
     """A named hsmflash key as found in the token (one or two objects, or a key pair)."""
 
     name: str
-    type: str
+    type: str  # a KeyTypeName, or what a foreign key is (rsa-2048, aes-unknown ...)
     objects: list[p11t.Key] = field(repr=False)
     public: p11t.PublicKey | None = field(default=None, repr=False)
 

@@ -179,8 +179,8 @@ def _row(error: str) -> dict[str, object]:
 def test_csv_manifest_neutralises_formulas_and_refuses_links(tmp_path):
     import csv
 
-    from hsmflash.provision.manifest import write_manifest
     from hsmflash.errors import InputError
+    from hsmflash.provision.manifest import write_manifest
 
     out = tmp_path / "m.csv"
     write_manifest(out, [_row('=HYPERLINK("http://evil","x")'), _row("+1"), _row("@SUM(1)"),
