@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmflash.chips import Chip
-from hsmflash.errors import DeviceError, InputError
+from hsmflash.errors import DeviceError, Error, InputError
 from hsmflash.formats.kdf import check_device_id, format_mac
 
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
@@ -248,9 +248,41 @@ def efuse_field_specs(chip: str, major: int | None = None) -> dict[str, tuple[in
     own map; ESP32-H2 up to v1.1 has extra fields). `major=None`: the fields every covered
     revision has in common is not known, so the newest table is used.
 
+    The tables are read once per installed esptool version and kept in the user's cache
+    (`policy check` then needs no espefuse import).
+
     Raises:
         DeviceError: espefuse does not know the chip.
     """
+    import json
+    import os
+    from importlib.metadata import version
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = Path(base) / "hsmflash" / "efuse-fields.json"
+    key = f"esptool {version('esptool')}: {chip} {major}"
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    found = entries.get(key)
+    if isinstance(found, dict):
+        return {str(k): (int(v[0]), str(v[1])) for k, v in found.items()}
+    specs = _read_efuse_specs(chip, major)
+    entries[key] = specs
+    try:
+        from hsmflash.fileio import atomic_write
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(entries, sort_keys=True).encode())
+    except (OSError, Error):  # a cache that cannot be written is no error
+        pass
+    return specs
+
+
+def _read_efuse_specs(chip: str, major: int | None) -> dict[str, tuple[int, str]]:
     import importlib
 
     with espressif_call(f"loading {chip} eFuse definitions"):
