@@ -18,6 +18,7 @@ nothing below `cli/` prints, prompts or exits):
       appimage.py          the signed MicroPython app image `hsmflash-app-v1`
       vfs.py               the LittleFS image MicroPython's esp32 port mounts
       x509.py              certificates, CSRs and CRLs whose signature is made in a token
+      revocation.py        the signed device revocation list (verified with the public key)
     token/                 the PKCS#11 layer
       session.py           module, token lookup, RFC 7512 key URIs, PIN handler, the session
       keys.py              key lookup, generation, import, public halves

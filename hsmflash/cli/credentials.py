@@ -370,15 +370,11 @@ def check_cmd(
     key: RevKeyOpt = None,
 ) -> None:
     """Check a presented secret by re-deriving it in the token (exit 0 valid, 6 not)."""
-    from hsmflash.credentials import (
-        load_public_key,
-        load_revocation_list,
-        parse_secret,
-        verify_credential,
-    )
+    from hsmflash.credentials import parse_secret, verify_credential
     from hsmflash.errors import UsageError
     from hsmflash.fileio import read_input
     from hsmflash.formats.kdf import format_mac, parse_mac
+    from hsmflash.formats.revocation import load_revocation_key, load_revocation_list
     from hsmflash.keyuse import wipe
 
     c = _context(ctx)
@@ -387,7 +383,7 @@ def check_cmd(
         raise UsageError("--pubkey verifies a --revocations list; give the list too")
     settings = _settings(c, master=master, revocation_key=key)
     lst = load_revocation_list(revocations) if revocations else None
-    pub = load_public_key(pubkey) if pubkey else None
+    pub = load_revocation_key(pubkey) if pubkey else None
     secret = parse_secret(read_input(secret_file, "secret file"), str(secret_file))
     try:
         with c.station() as st:
@@ -565,8 +561,8 @@ def revoked_cmd(
     ] = None,
 ) -> None:
     """Show the revoked devices; with --verify, exit 6 unless the list is intact and signed."""
-    from hsmflash.credentials import load_public_key, load_revocation_list
     from hsmflash.errors import UsageError
+    from hsmflash.formats.revocation import load_revocation_key, load_revocation_list
 
     c = _context(ctx)
     if verify and pubkey is None:
@@ -576,7 +572,7 @@ def revoked_cmd(
     lst = load_revocation_list(list_file)
     if verify:
         assert pubkey is not None  # noqa: S101 - checked above
-        lst.verify(load_public_key(pubkey), min_sequence=min_sequence)
+        lst.verify(load_revocation_key(pubkey), min_sequence=min_sequence)
     data = {
         "list": str(list_file),
         "verified": verify,

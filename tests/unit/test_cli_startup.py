@@ -94,8 +94,13 @@ def _modules_after(*argv: str) -> set[str]:
 def test_commands_without_a_token_load_no_pkcs11_code(tmp_path) -> None:  # type: ignore[no-untyped-def]
     log = tmp_path / "a.jsonl"
     log.write_text("")
+    from conftest import ROOT
+
     for argv in (("audit", "verify", str(log)),
-                 ("verify", str(tmp_path / "x.bin"), "--pubkey", str(tmp_path / "p.pem"))):
+                 ("verify", str(tmp_path / "x.bin"), "--pubkey", str(tmp_path / "p.pem")),
+                 ("policy", "check", str(ROOT / "policies" / "dev.toml")),
+                 ("credentials", "revoked", "--list", str(log), "--verify", "--pubkey",
+                  str(tmp_path / "p.pem"))):
         loaded = _modules_after(*argv)
         assert not {m for m in loaded if m == "pkcs11" or m.startswith("pkcs11.")}, argv
         assert "hsmflash.keyuse" not in loaded, argv
