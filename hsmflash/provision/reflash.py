@@ -50,6 +50,7 @@ from hsmflash.provision.plan import (
     held_digests,
     plan_reflash,
     reflash_key_state,
+    resolve_images,
 )
 
 PARTITION_TABLE = partitions.TABLE_ADDRESS
@@ -188,14 +189,16 @@ class Reflasher:
                                   f"value {row['fe_kcv']}, not the {plan.fe_kcv} this policy "
                                   "derives: another master key or policy")
             check_rollback(target, None)
-            plan.flash = flash_writes(target, target.images)
-            check_in_encrypted(target.chip, self._table_for_sdm(), plan)
+            table = self._table_for_sdm()
+            images = resolve_images(target.images, table)  # --app: the table's romfs
+            plan.flash = flash_writes(target, images)
+            check_in_encrypted(target.chip, table, plan)
             out["fe_kcv"] = plan.fe_kcv
         result = _result(plan, verified=False, notes=notes)
         if dry_run:
             result.seconds = time.monotonic() - started
             return result
-        run.encrypt(mac, target.images, plan, subject)
+        run.encrypt(mac, images, plan, subject)
         # whole regions, every time: nothing tells what is in place
         run.write(device, plan, subject, skip_in_place=False, verified=False)
         result.result = "written-unverified"

@@ -200,6 +200,39 @@ def test_reflash_in_secure_download_mode_decrypts_to_the_new_image(
     assert "nothing can be read back" in r.out and "written-unverified" in r.out
 
 
+def test_secure_download_mode_places_the_app_by_the_table_written(
+        bench: Bench, cli: Callable[..., Result], sdm_device: dict[str, object]) -> None:
+    """`flash --app` on a chip in Secure Download Mode: the app goes to the romfs partition of
+    the table being written (the device's own cannot be read), encrypted for the device."""
+    from hsmflash.formats.partitions import find_romfs, micropython_template
+
+    sdm, mac = sdm_device, MACS["esp32s3"]
+    tmp = sdm["dir"]
+    assert isinstance(tmp, Path)
+    src = tmp / "mpapp"
+    src.mkdir()
+    (src / "main.py").write_text("print('v3')\n")
+    app = tmp / "app.img"
+    r = run_cli("--policy", bench.release_policy, "app", "build", src, "-o", app, "--key",
+                f"{bench.uniq}-sb-release")
+    assert r.code == 0, r.output
+    layout = micropython_template()
+    table = tmp / "mp-table.bin"
+    table.write_bytes(build(layout))
+    romfs = find_romfs(layout)
+    assert romfs is not None
+    with _double("esp32s3", sdm["efuse"]) as dev:  # type: ignore[arg-type]
+        dev.flash[:] = sdm["flash"]  # type: ignore[index]
+        r = run_cli("--json", "--policy", bench.release_policy, "flash", "--chip", "esp32s3",
+                    "--port", dev.port, "--image", f"0x8000={table}", "--allow-rewrite",
+                    "table", "--device", mac, "--manifest", sdm["manifest"], "--app", app)
+    assert r.code == 0, r.output
+    data = app.read_bytes()
+    key = bench.spec_key(mac, "XTS_AES_128_KEY")
+    region = bytes(dev.flash[romfs.offset:romfs.offset + len(data) + (-len(data) % 16)])
+    assert _decrypt(key, region, romfs.offset)[:len(data)] == data
+
+
 def test_secure_download_mode_refusals_write_nothing(
         bench: Bench, cli: Callable[..., Result], sdm_device: dict[str, object]) -> None:
     sdm = sdm_device
