@@ -12,12 +12,11 @@ checked. It leaves the token only to be written to the device (an audited export
 encrypted (XTS-AES-256, as NVS does) with the device's NVS keys: purpose `NVS_KEYS` (64 bytes,
 eky || tky) from the same master. The NVS keys go into the 4 KiB `nvs_keys` partition
 (eky 32 | tky 32 | CRC32 | 0xFF...), which is itself encrypted with the device's
-flash-encryption key at its flash address (`perdevice.crypt_image`: the chip's own scheme and
+flash-encryption key at its flash address (`encrypt.crypt_image`: the chip's own scheme and
 path under the policy).
 
-**Revocation.** A JSON list signed (ECDSA P-256, raw r||s in hex) by a token key over the
-canonical JSON of everything but `signature`; its `sequence` grows with every change so a
-consumer can refuse an older list.
+**Revocation.** `revoke` signs a new list in the token (the format, and its verification
+with the public key alone, is `formats/revocation.py`).
 """
 
 from __future__ import annotations

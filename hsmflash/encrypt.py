@@ -246,6 +246,19 @@ def crypt_derived(st: Station, use: KeyUse, derived: DerivedKey, scheme: str, pa
     return [fn(data, address, k1, k2) for address, data in regions]
 
 
+def make_out_dir(out_dir: Path) -> None:
+    """The batch's output directory, made if missing.
+
+    Raises:
+        InputError: it cannot be made.
+    """
+    if not out_dir.is_dir():
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise InputError(f"--out-dir {str(out_dir)!r}: {e.strerror}") from None
+
+
 def encrypt_batch(st: Station, data: bytes, chip: Chip, address: int, master: TokenKey,
                   macs: list[bytes], out_dir: Path, *, scheme: str | None, name: str,
                   source: str) -> Iterator[dict[str, str]]:
@@ -258,11 +271,7 @@ def encrypt_batch(st: Station, data: bytes, chip: Chip, address: int, master: To
         InputError: `out_dir` cannot be made; as `crypt_image`.
     """
     st.policy.check_batch(len(macs), source)
-    if not out_dir.is_dir():
-        try:
-            out_dir.mkdir(parents=True)
-        except OSError as e:
-            raise InputError(f"--out-dir {str(out_dir)!r}: {e.strerror}") from None
+    make_out_dir(out_dir)
     for mac in macs:
         device = kdf.format_mac(mac)
         target = out_dir / f"{device.replace(':', '')}-{address:#x}.bin"

@@ -190,7 +190,8 @@ class Policy:
 
     def check_master(self, master: str, chip: str | None = None) -> None:
         """Raise PolicyRefused unless `master` is a derivation master of this policy (for
-        `chip`, when given). A policy without chip profiles names no masters.
+        `chip`, when given). A policy without chip profiles restricts no master (any
+        aes-256 derive key will do; its type is checked where it derives).
 
         Checked before a use opens, in every command that derives, so the same wrong master
         is the same refusal everywhere; the key's type is checked where it derives.

@@ -47,7 +47,9 @@ def init_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
     out: Annotated[
-        Path, typer.Option("-o", "--output", help="Write the CA certificate (PEM).", metavar="FILE")
+        Path, typer.Option(
+            "-o", "--output", "--out", help="Write the CA certificate (PEM).", metavar="FILE"
+        )
     ],
     key: KeyOpt = None,
     days: Annotated[int, typer.Option("--days", help="Validity in days.", metavar="DAYS")] = 3650,
@@ -78,7 +80,9 @@ def csr_cmd(
     ctx: typer.Context,
     subject: SubjectOpt,
     out: Annotated[
-        Path, typer.Option("-o", "--output", help="Write the CSR (PEM).", metavar="FILE")
+        Path, typer.Option(
+            "-o", "--output", "--out", help="Write the CSR (PEM).", metavar="FILE"
+        )
     ],
     key: KeyOpt = None,
 ) -> None:

@@ -1,8 +1,7 @@
 """`hsmflash credentials ...`: issue, check and revoke per-device server credentials (derived
 secrets and X.509 certificates: issue --kind x509, sign-csr, revoke, crl).
 
-Registered by `_cli` with `app.add_typer(credentials_app, name="credentials")`. `_cli` is imported
-lazily inside the commands so either module may be imported first.
+Registered in `cli/main.py` with `app.add_typer(credentials_app, name="credentials")`.
 """
 
 from __future__ import annotations
@@ -487,7 +486,9 @@ def crl_cmd(
     ctx: typer.Context,
     out: Annotated[
         Path,
-        typer.Option("-o", "--output", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"),
+        typer.Option(
+            "-o", "--output", "--out", help="Write the CRL here (PEM; .der: DER).", metavar="FILE"
+        ),
     ],
     ca_dir: CaDirOpt = None,
 ) -> None:
@@ -512,7 +513,9 @@ def sign_csr_cmd(
     ],
     device: DeviceOpt,
     out: Annotated[
-        Path, typer.Option("-o", "--output", help="Write the certificate (PEM).", metavar="FILE")
+        Path, typer.Option(
+            "-o", "--output", "--out", help="Write the certificate (PEM).", metavar="FILE"
+        )
     ],
     ca_dir: CaDirOpt = None,
 ) -> None:

@@ -164,9 +164,11 @@ def _batch(
     name: str,
 ) -> None:
     from hsmflash.derive import read_device_csv
-    from hsmflash.encrypt import encrypt_batch
+    from hsmflash.encrypt import encrypt_batch, make_out_dir
 
     macs = read_device_csv(devices)
+    c.policy.check_batch(len(macs), str(devices))  # refused before the token (and its PIN)
+    make_out_dir(out_dir)
     results = []
     with (
         c.station() as st,
@@ -293,6 +295,7 @@ def _derive_batch(
 
     check_workers(workers)
     macs = read_device_csv(devices)
+    c.policy.check_batch(len(macs), str(devices))  # refused before the token (and its PIN)
     started = time.perf_counter()
     with c.station() as st:
         workers = derive_batch(st, st.key(master), purpose, macs, output, source=str(devices),

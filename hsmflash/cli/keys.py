@@ -54,9 +54,11 @@ def keys_generate(
 ) -> None:
     """Generate a key inside the token: sensitive, non-extractable, only the usages given."""
     from hsmflash.keys import generate
+    from hsmflash.keytypes import check_type_usage
 
     c = ctx_of(ctx)
     check_key_name(name)
+    check_type_usage(key_type, usage)  # bad input before the token (and its PIN)
     with c.station() as st:
         info = generate(st, name, key_type, usage)
     c.emit(info, f"generated {_key_line(info)}")
@@ -94,10 +96,12 @@ def keys_import(
     """
     from hsmflash.fileio import read_input
     from hsmflash.keys import import_material
+    from hsmflash.keytypes import check_type_usage
     from hsmflash.keyuse import wipe
 
     c = ctx_of(ctx)
     check_key_name(name)
+    check_type_usage(key_type, usage)  # bad input before the token (and its PIN)
     material = bytearray(read_input(file, "key file"))
     try:
         with c.station() as st:

@@ -94,7 +94,6 @@ def main_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
-    # paths arrive as str: typer converts Path parameters through pydantic, a slow import
     ctx.obj = Context(
         module=module,
         token=token,

@@ -242,34 +242,44 @@ def _blank_efuse_size(chip: str) -> int:
 
 
 @functools.cache
-def efuse_field_specs(chip: str, major: int | None = None) -> dict[str, tuple[int, str]]:
+def efuse_field_specs(chip: str, major: int | None = None, *,
+                      cached: bool = False) -> dict[str, tuple[int, str]]:
     """`chip`'s writable eFuse fields as {name: (bit length, espefuse type)}, from espefuse's
     own tables, picked by chip revision the way espefuse picks them (ESP32-P4 v3.x has its
     own map; ESP32-H2 up to v1.1 has extra fields). `major=None`: the fields every covered
     revision has in common is not known, so the newest table is used.
 
-    The tables are read once per installed esptool version and kept in the user's cache
-    (`policy check` then needs no espefuse import).
+    `cached`: keep the tables in the user's cache, per esptool and hsmflash version, so
+    `policy check` needs no espefuse import; a cache that cannot be read or written is
+    ignored. Provisioning reads espefuse's tables themselves (it has espefuse loaded anyway).
 
     Raises:
         DeviceError: espefuse does not know the chip.
     """
+    if not cached:
+        return _read_efuse_specs(chip, major)
     import json
     import os
     from importlib.metadata import version
 
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    cache = Path(base) / "hsmflash" / "efuse-fields.json"
-    key = f"esptool {version('esptool')}: {chip} {major}"
+    from hsmflash import __version__
+
     try:
-        entries = json.loads(cache.read_text(encoding="utf-8"))
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
-    found = entries.get(key)
-    if isinstance(found, dict):
-        return {str(k): (int(v[0]), str(v[1])) for k, v in found.items()}
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # no home directory: no cache
+        return _read_efuse_specs(chip, major)
+    cache = Path(base) / "hsmflash" / "efuse-fields.json"
+    key = f"v1 hsmflash {__version__} esptool {version('esptool')}: {chip} {major}"
+    entries: dict[str, object] = {}
+    try:
+        loaded = json.loads(cache.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            entries = loaded
+        found = entries.get(key)
+        if isinstance(found, dict) and found:
+            return {str(k): (int(v[0]), str(v[1])) for k, v in found.items()}
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        pass  # no cache, or a damaged one: read the tables again
     specs = _read_efuse_specs(chip, major)
     entries[key] = specs
     try:

@@ -181,7 +181,7 @@ class Target:
     needs_sha384: bool = False  # a P-384 Secure Boot key: SECURE_BOOT_SHA384_EN, chip v3.0+
     # how this token encrypts with the per-device key (`hsmflash.encrypt.derived_path`) and
     # what that takes out of the token (ESP32 classic without XOR derivation, ESP32-C2)
-    crypt_path: str = "xts-in-token"
+    crypt_path: str = ""  # set by `execute.prepare_target` from the token's profile
     crypt_exports: tuple[str, ...] = ()
 
     @property

@@ -309,8 +309,11 @@ def check_policy_efuses(policy: Policy) -> None:
     from hsmflash.chips import get_chip
     from hsmflash.device.base import efuse_field_specs
 
+    def specs(chip: str, major: int | None) -> dict[str, tuple[int, str]]:
+        return efuse_field_specs(chip, major, cached=True)
+
     for chip_name, prof in policy.chips.items():
         chip = get_chip(chip_name)
         majors: list[int | None] = [*sorted(set(prof.revisions))] or [None]
         for major in majors:
-            check_harden(policy, chip, prof, efuse_field_specs, major)
+            check_harden(policy, chip, prof, specs, major)

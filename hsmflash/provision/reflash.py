@@ -37,6 +37,7 @@ from hsmflash.formats.images import ESP_IMAGE_MAGIC
 from hsmflash.hazmat import efuse as hz
 from hsmflash.keyuse import Station
 from hsmflash.policy import Policy
+from hsmflash.provision import proof
 from hsmflash.provision.execute import Executor, Progress, prepare_target, subject_of
 from hsmflash.provision.inputs import ImageSpec
 from hsmflash.provision.manifest import manifest_row
@@ -180,6 +181,13 @@ class Reflasher:
         row = manifest_row(manifest, mac_text, target.chip.name)
         if row is None:
             notes.append("the MAC was not checked against a provisioning manifest")
+        # every image against the table being written and the policy's keys (the device's
+        # table and digests cannot be read), before any key use
+        table = self._table_for_sdm()
+        images = resolve_images(target.images, table)  # --app: the table's romfs
+        proof.prove_images(images, target.chip, target.profile, target.verifier(), [],
+                           table=table, table_name="the partition table being written",
+                           reflash=True, allow_rewrite=self.allow_rewrite)
         with run.step("check", subject, {"policy": target.policy.name, "dry_run": dry_run,
                                          "secure_download_mode": True},
                       key_used=True, exports=target.crypt_exports) as out:
@@ -189,8 +197,6 @@ class Reflasher:
                                   f"value {row['fe_kcv']}, not the {plan.fe_kcv} this policy "
                                   "derives: another master key or policy")
             check_rollback(target, None)
-            table = self._table_for_sdm()
-            images = resolve_images(target.images, table)  # --app: the table's romfs
             plan.flash = flash_writes(target, images)
             check_in_encrypted(target.chip, table, plan)
             out["fe_kcv"] = plan.fe_kcv

@@ -269,9 +269,9 @@ def find_key(session: p11t.Session, name: str, token_label: str = "", *,
     if key is None or (not key.objects and key.public is None):
         where = f" in token {token_label!r}" if token_label else ""
         if public_only:
-            raise TokenError(f"no public key {name!r}{where}: this command reads public halves "
-                             "without the PIN, and a secret key (aes, xts-aes) has none "
-                             "(see `hsmflash keys list`)")
+            raise TokenError(f"no public key {name!r}{where}: no key of that name, or a secret "
+                             "key (aes, xts-aes), which has no public half; this command reads "
+                             "public halves without the PIN (see `hsmflash keys list`)")
         raise TokenError(f"no key {name!r}{where} (see `hsmflash keys list`)")
     return key
 

@@ -299,3 +299,22 @@ def test_a_wrong_master_is_the_same_refusal_in_every_command(cli, tmp_path, uniq
         assert f"'{uniq}-not-master' is not a derivation master" in r.err, (what, r.err)
     assert not (tmp_path / "o.bin").exists() and not (tmp_path / "k.csv").exists()
     assert not log.exists() or "not-master" not in log.read_text()  # no key was used
+
+
+def test_a_lot_over_the_batch_limit_is_refused_before_the_pin(cli, tmp_path, uniq, policy_file,
+                                                              monkeypatch):
+    """`max_devices_per_batch` refuses a lot before the token is opened (no PIN needed) and
+    before any output directory is made."""
+    policy_file.write_text(policy_file.read_text() + "\n[limits]\nmax_devices_per_batch = 1\n")
+    devices = tmp_path / "devices.csv"
+    devices.write_text("mac\n24:0a:c4:00:00:01\n24:0a:c4:00:00:02\n")
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(64))
+    monkeypatch.delenv("HSMFLASH_PIN")
+    master = ("--master", f"{uniq}-fe-master")
+    for args in (("derive", *master, "--devices", devices, "-o", tmp_path / "k.csv"),
+                 ("encrypt", src, "--chip", "esp32s3", "--address", "0x10000", *master,
+                  "--devices", devices, "--out-dir", tmp_path / "out")):
+        r = cli("--policy", policy_file, *args)
+        assert r.code == 5 and "max_devices_per_batch (1)" in r.err, (args, r.output)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "k.csv").exists()

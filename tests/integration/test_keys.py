@@ -133,3 +133,14 @@ def test_digest_of_a_secret_key_says_it_has_no_public_half(cli, uniq):
     r = cli("keys", "digest", f"{uniq}-aes", "--chip", "esp32s3")
     assert r.code == 4
     assert f"no public key '{uniq}-aes'" in r.err and "secret key" in r.err
+
+
+def test_bad_key_type_is_refused_before_the_pin_is_asked(cli, monkeypatch, tmp_path):
+    """Bad input is named before the token is opened: no PIN needed to learn the type is wrong."""
+    monkeypatch.delenv("HSMFLASH_PIN")
+    r = cli("keys", "generate", "x", "--type", "bogus")
+    assert r.code == 3 and "unknown key type 'bogus'" in r.err, r.output
+    key = tmp_path / "k.bin"
+    key.write_bytes(bytes(32))
+    r = cli("keys", "import", "x", "--type", "aes-256", "--usage", "sign", "--file", key)
+    assert r.code == 3 and "usage 'sign' is not possible" in r.err, r.output

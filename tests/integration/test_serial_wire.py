@@ -239,6 +239,8 @@ def test_secure_download_mode_refusals_write_nothing(
     tmp = sdm["dir"]
     assert isinstance(tmp, Path)
     old = _signed_app(bench, tmp, "app-v1", secure_version=1)
+    unsigned = tmp / "unsigned.bin"
+    unsigned.write_bytes(build_app("esp32s3", 80 * 1024, seed=77))
     floor = tmp / "floor.toml"
     floor.write_text(bench.release_policy.read_text().replace(
         "[chips.esp32s3]\n", "[chips.esp32s3]\nmin_secure_version = 2\n"))
@@ -248,6 +250,9 @@ def test_secure_download_mode_refusals_write_nothing(
           "--image", f"0x10000={old}"], None, 7, "not a provisioned"),
         (["--device", MACS["esp32s3"], "--image", f"0x10000={old}"], floor, 5,
          "min_secure_version"),
+        # the device's digests cannot be read: the policy's keys still decide
+        (["--device", MACS["esp32s3"], "--image", f"0x10000={unsigned}"], None, 5,
+         "not signed for Secure Boot"),
     ]
     for args, policy, code, needle in cases:
         with _double("esp32s3", sdm["efuse"]) as dev:  # type: ignore[arg-type]

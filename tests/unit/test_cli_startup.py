@@ -79,28 +79,63 @@ def test_global_options_work_after_the_command(cli, tmp_path) -> None:  # type: 
 
 
 def _modules_after(*argv: str) -> set[str]:
+    """The modules loaded once `hsmflash ARGV` has run; the command must succeed."""
     import subprocess
     import sys
 
     code = ("import sys\nsys.argv = ['hsmflash', *sys.argv[1:]]\n"
             "from hsmflash.cli.main import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n")
+            "rc = 0\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(rc, ' '.join(sorted(sys.modules)), file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                        check=False)
-    return set(r.stderr.strip().splitlines()[-1].split())
+    rc, *modules = r.stderr.strip().splitlines()[-1].split()
+    assert rc in ("0", "None"), (argv, r.stdout, r.stderr)
+    return set(modules)
 
 
 def test_commands_without_a_token_load_no_pkcs11_code(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    log = tmp_path / "a.jsonl"
-    log.write_text("")
+    """Each token-free command runs to its end on real inputs (a signed image, a signed audit
+    log and revocation list, the shipped policy) without loading any PKCS#11 code."""
     from conftest import ROOT
+    from hsmflash.chips import get_chip
+    from hsmflash.formats import primitives, revocation, secureboot
+    from imagebuilder import build_app
+    from softsigner import SoftwareSigner, public_pem
 
-    for argv in (("audit", "verify", str(log)),
-                 ("verify", str(tmp_path / "x.bin"), "--pubkey", str(tmp_path / "p.pem")),
+    signer = SoftwareSigner.generate("ec-p256")
+    pem = tmp_path / "p.pem"
+    pem.write_bytes(public_pem(signer))
+    image = tmp_path / "app.signed"
+    image.write_bytes(secureboot.sign_sbv2(build_app("esp32c6", 16 * 1024), signer,
+                                           get_chip("esp32c6")))
+    body = {"version": revocation.LIST_VERSION, "sequence": 1, "issued": "2026-01-01T00:00:00Z",
+            "revoked": [{"device": "24:0a:c4:00:00:01", "revoked_at": "2026-01-01T00:00:00Z",
+                         "reason": ""}],
+            "signer": {"key_fp": primitives.fingerprint(signer.public_key())}}
+    lst = tmp_path / "revoked.json"
+    lst.write_bytes(revocation.canonical_json(revocation.sign_list(body, signer.sign_digest)))
+    from hsmflash.audit import AuditLog
+
+    class Head:  # the token's head object, in memory
+        head: tuple[int, str] | None = None
+
+        def read(self) -> tuple[int, str] | None:
+            return self.head
+
+        def write(self, seq: int, hash: str) -> None:
+            self.head = (seq, hash)
+
+    log = tmp_path / "a.jsonl"
+    audit = AuditLog(log, station="s", actor="a")
+    audit.append("sign", "ok", subject={"image": "fw.bin"})
+    audit.checkpoint(signer, Head())
+    for argv in (("audit", "verify", str(log), "--pubkey", str(pem)),
+                 ("verify", str(image), "--pubkey", str(pem)),
                  ("policy", "check", str(ROOT / "policies" / "dev.toml")),
-                 ("credentials", "revoked", "--list", str(log), "--verify", "--pubkey",
-                  str(tmp_path / "p.pem"))):
+                 ("credentials", "revoked", "--list", str(lst), "--verify", "--pubkey",
+                  str(pem))):
         loaded = _modules_after(*argv)
         assert not {m for m in loaded if m == "pkcs11" or m.startswith("pkcs11.")}, argv
         assert "hsmflash.keyuse" not in loaded, argv
