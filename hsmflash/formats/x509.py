@@ -287,10 +287,9 @@ def load_certificate(data: bytes, source: str) -> x509.Certificate:
     Raises:
         InputError: neither.
     """
+    pem = data.lstrip().startswith(b"-----BEGIN")
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+        return x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
     except ValueError:
         raise InputError(f"certificate {source}: not a PEM or DER X.509 certificate") from None
 
@@ -301,10 +300,9 @@ def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
     Raises:
         InputError: neither.
     """
+    pem = data.lstrip().startswith(b"-----BEGIN")
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(data)
-        return x509.load_der_x509_csr(data)
+        return x509.load_pem_x509_csr(data) if pem else x509.load_der_x509_csr(data)
     except ValueError:
         raise InputError(f"CSR {source}: not a PEM or DER certificate request") from None
 
