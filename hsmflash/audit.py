@@ -58,6 +58,7 @@ from hsmflash.errors import (
     TokenError,
     VerificationFailed,
 )
+from hsmflash.fileio import open_regular
 from hsmflash.formats.primitives import (
     DigestSigner,
     PublicKey,
@@ -278,14 +279,10 @@ def _forward_lines(fd: int, chunk: int = 65536) -> Iterator[bytes]:
 def _open_for_reading(path: Path) -> BinaryIO:
     """Open a log for reading: a regular file only (a FIFO or /dev/zero never ends)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise InputError(f"cannot read audit log {path}: {e.strerror or e}") from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InputError(f"cannot read audit log {path}: not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+        return os.fdopen(open_regular(path, "audit log"), "rb")
+    except InputError as e:  # "audit log 'X' is a directory" -> "... 'X': is a directory"
+        reason = e.diagnostics().removeprefix(f"audit log {str(path)!r} ")
+        raise InputError(f"cannot read audit log {str(path)!r}: {reason}") from None
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
