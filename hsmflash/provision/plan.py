@@ -83,6 +83,7 @@ class Plan:
     secure_boot: str = "none"
     # (block, purpose, what)
     sb_burns: list[tuple[str, str | None, str]] = field(default_factory=list)
+    sb_digests: dict[str, bytes] = field(default_factory=dict)  # block -> SBv2 digest to burn
     sb_kcv: str = ""
     # NVS keys the ESP-IDF 6 way: the HMAC_UP key block to burn (None: nothing to burn)
     hmac_burn: str | None = None
@@ -287,6 +288,7 @@ def plan_provision(target: Target, mac: bytes, revision: str, state: EfuseState,
                         and (blk.purpose_write_protected or blk.purpose is None)):
                     # blank, or killed inside the burn: burning again adds what is missing
                     plan.sb_burns.append((block, dpurpose, f"SBv2 digest of {sb.keys[i]}"))
+                    plan.sb_digests[block] = digest
             plan.sb_kcv = ",".join(secureboot.sbv2_public_key_digest(p).hex()[:16]
                                    for p in target.sb_public)
     if prof.nvs_encryption == "hmac":

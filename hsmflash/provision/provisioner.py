@@ -146,16 +146,14 @@ class Provisioner:
                         for i, (block, purpose) in enumerate(plan.fe_blocks):
                             burns.append(hz.KeyBurn(block, bytes(key[32 * i:32 * (i + 1)]),
                                                     purpose, rp))
-                free = [b for b in self.target.chip.key_blocks
-                        if b not in {b for b, _ in plan.fe_blocks}]
                 for block, purpose, _what in plan.sb_burns:
-                    if need_sbv1 and purpose is None:
+                    digest = plan.sb_digests.get(block)
+                    if digest is None:  # Secure Boot V1: the key derived for this device
                         burns.append(hz.KeyBurn(block, bytes(exported("SECURE_BOOT_V1")), None,
                                                 rp))
                     else:
-                        index = int(str(purpose)[-1]) if str(purpose)[-1].isdigit() else 0
-                        _b, _p, digest = self.target.digest_slot(free, index)
-                        burns.append(hz.KeyBurn(block, digest, purpose, False, True, digest=True))
+                        burns.append(hz.KeyBurn(block, digest, purpose, False, True,
+                                                digest=True))
                 if plan.hmac_burn:
                     burns.append(hz.KeyBurn(plan.hmac_burn, bytes(exported("NVS_HMAC_UP")),
                                             "HMAC_UP", True))
